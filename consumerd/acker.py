@@ -1,0 +1,153 @@
+"""A thread that sends acks and modacks in batches, retrying transient failures.
+
+The supervisor hands over `ack(ids)` and `modack(ids, seconds)` (seconds = 0 is a nack) and goes
+on. Requests queued while an RPC is in flight are merged into the next one, so acks batch by
+themselves under load. A later request for an ack id replaces an earlier one still waiting (an ack
+after a renewal, say). Transient failures are retried with backoff until they succeed or the
+request is older than `give_up_after` (the lease is long gone: Pub/Sub redelivers the message).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+from .backoff import Backoff
+from .logsetup import get_logger
+
+ACK = -1  # marker in place of a deadline: acknowledge
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    ack_ids: tuple[str, ...]
+    seconds: int  # ACK, 0 (nack) or an extension
+
+
+class Acker:
+    def __init__(
+        self,
+        ack: Callable[[Sequence[str]], None],
+        modack: Callable[[Sequence[str], int], None],
+        is_transient: Callable[[BaseException], bool],
+        backoff: Backoff = Backoff(base=0.1, cap=5.0),
+        give_up_after: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ack = ack
+        self._modack = modack
+        self._is_transient = is_transient
+        self._backoff = backoff
+        self._give_up_after = give_up_after
+        self._clock = clock
+        self._queue: queue.SimpleQueue[_Request | threading.Event | None] = queue.SimpleQueue()
+        self._pending: dict[str, tuple[int, float]] = {}  # ack id -> (seconds, first queued at)
+        self._flush_waiters: list[threading.Event] = []
+        self._thread = threading.Thread(target=self._run, name="consumerd-acker", daemon=True)
+        self.stats = {"acked": 0, "nacked": 0, "extended": 0, "dropped": 0, "rpc_failures": 0}
+        self.log = get_logger("consumerd.acker")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def ack(self, ack_ids: Sequence[str]) -> None:
+        self._put(ack_ids, ACK)
+
+    def modack(self, ack_ids: Sequence[str], seconds: int) -> None:
+        self._put(ack_ids, seconds)
+
+    def _put(self, ack_ids: Sequence[str], seconds: int) -> None:
+        if ack_ids:
+            self._queue.put(_Request(tuple(ack_ids), seconds))
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued before this call was sent (or given up); False on timeout."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            wait = self._backoff.delay(failures) if failures else None
+            if not self._collect(wait):
+                return
+            if self._pending:
+                failures = failures + 1 if self._send_pending() else 0
+            if not self._pending:
+                for waiter in self._flush_waiters:
+                    waiter.set()
+                self._flush_waiters.clear()
+
+    def _collect(self, wait: float | None) -> bool:
+        """Merge queued requests into pending; block for the first when nothing is pending."""
+        try:
+            block = not self._pending or wait is not None
+            request = self._queue.get(timeout=wait) if block else self._queue.get_nowait()
+            while True:
+                if request is None:
+                    return False
+                if isinstance(request, threading.Event):
+                    self._flush_waiters.append(request)
+                    request = self._queue.get_nowait()
+                    continue
+                now = self._clock()
+                for ack_id in request.ack_ids:
+                    previous = self._pending.get(ack_id)
+                    self._pending[ack_id] = (request.seconds, previous[1] if previous else now)
+                request = self._queue.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _send_pending(self) -> bool:
+        """One RPC per kind of request; return True if any failed transiently (back off, retry)."""
+        groups: dict[int, list[str]] = defaultdict(list)
+        for ack_id, (seconds, _) in self._pending.items():
+            groups[seconds].append(ack_id)
+        retry = False
+        for seconds, ack_ids in groups.items():
+            retry |= self._send(ack_ids, seconds)
+        return retry
+
+    def _send(self, ack_ids: list[str], seconds: int) -> bool:
+        try:
+            if seconds == ACK:
+                self._ack(ack_ids)
+            else:
+                self._modack(ack_ids, seconds)
+        except Exception as exc:  # noqa: BLE001 - classified below; the thread must live on
+            self.stats["rpc_failures"] += 1
+            if self._is_transient(exc):
+                self.log.warning("pubsub.ack_retry", op=_op(seconds), count=len(ack_ids), error=type(exc).__name__)
+                self._give_up_stale(ack_ids, seconds)
+                return True
+            self.log.error("pubsub.ack_failed", op=_op(seconds), count=len(ack_ids), error=f"{type(exc).__name__}: {exc}"[:300])
+            self._forget(ack_ids, seconds, dropped=True)
+            return False
+        self._forget(ack_ids, seconds, dropped=False)
+        return False
+
+    def _forget(self, ack_ids: list[str], seconds: int, dropped: bool) -> None:
+        for ack_id in ack_ids:
+            if self._pending.get(ack_id, (None,))[0] == seconds:
+                del self._pending[ack_id]
+        key = "dropped" if dropped else {ACK: "acked", 0: "nacked"}.get(seconds, "extended")
+        self.stats[key] += len(ack_ids)
+
+    def _give_up_stale(self, ack_ids: list[str], seconds: int) -> None:
+        now = self._clock()
+        stale = [a for a in ack_ids if now - self._pending[a][1] > self._give_up_after]
+        if stale:
+            self.log.error("pubsub.ack_gave_up", op=_op(seconds), count=len(stale))
+            self._forget(stale, seconds, dropped=True)
+
+
+def _op(seconds: int) -> str:
+    return {ACK: "ack", 0: "nack"}.get(seconds, "modack")

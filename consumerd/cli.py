@@ -1,0 +1,202 @@
+"""Composition root: parse arguments, load settings, configure logging, build, run, map to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import Settings, config_path, load_settings
+from .errors import ConfigError, ConsumerdError, ExitCode
+from .logsetup import configure_logging, get_logger
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="consumerd", description="Run Pub/Sub messages as tasks in worker processes.")
+    parser.add_argument("--version", action="version", version=f"consumerd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", metavar="PATH", help="config file (default: $CONSUMERD_CONFIG or /etc/consumerd.toml)")
+        return sub
+
+    command("run", "run the daemon")
+    command("check-config", "validate the configuration and print the effective settings")
+    command("tasks", "list the registered tasks and where they come from")
+
+    publish = command("publish", "publish messages (batched) and print their ids")
+    publish.add_argument("--topic", required=True, help="topic name or projects/P/topics/T")
+    publish.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE", help="message attribute (repeatable)")
+    publish.add_argument("--file", metavar="PATH", help="read the payload from PATH, or stdin with -")
+    publish.add_argument("--count", type=int, default=1, metavar="N", help="publish the payload N times (default 1)")
+    publish.add_argument("data", nargs="?", help="the payload as text")
+
+    setup = command("setup", "create the topic and subscription if missing (idempotent)")
+    setup.add_argument("--topic", required=True)
+    setup.add_argument("--subscription", required=True)
+    setup.add_argument("--ack-deadline", type=int, default=60, metavar="N", help="seconds (10..600, default 60)")
+    setup.add_argument("--dead-letter-topic", default="", metavar="D")
+    setup.add_argument("--max-delivery-attempts", type=int, default=0, metavar="N", help="5..100, with --dead-letter-topic")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {
+        "run": cmd_run,
+        "check-config": cmd_check_config,
+        "tasks": cmd_tasks,
+        "publish": cmd_publish,
+        "setup": cmd_setup,
+    }[args.command]
+    try:
+        return int(handler(args))
+    except ConfigError as exc:
+        print(f"consumerd: config error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except ConsumerdError as exc:
+        print(f"consumerd: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return int(ExitCode.FAILURE)
+
+
+def _settings(args: argparse.Namespace, *, file_required: bool) -> tuple[Settings, Path | None]:
+    path, named = config_path(args.config)
+    if not named and not file_required and not path.exists():
+        return load_settings(None), None
+    return load_settings(path), path
+
+
+def cmd_run(args: argparse.Namespace) -> ExitCode:
+    settings, path = _settings(args, file_required=True)
+    settings.require_subscription(str(path))
+    configure_logging(settings.logging.format, settings.logging.level)
+    log = get_logger("consumerd")
+    log.info("daemon.starting", version=__version__, config=str(path))
+    warn_if_readable_by_others(path, settings, log)
+    from .supervisor import Supervisor  # imports grpc: only for the commands that talk to Pub/Sub
+
+    try:
+        return Supervisor(settings).run()
+    except ConfigError as exc:
+        log.error("daemon.config_error", error=str(exc))
+        raise
+    except ConsumerdError as exc:
+        log.error("daemon.startup_failed", error=str(exc), exit_code=int(exc.exit_code))
+        raise
+
+
+def warn_if_readable_by_others(path: Path | None, settings: Settings, log: object) -> None:
+    """The key must be private to the service user; the config must not be writable by others."""
+    checks = ((settings.pubsub.credentials_path(), 0o077, "chmod 600"), (path, 0o022, "chmod 644 at most"))
+    for candidate, forbidden, fix in checks:
+        try:
+            mode = stat.S_IMODE(candidate.stat().st_mode) if candidate else 0
+        except OSError:
+            continue
+        if mode & forbidden:
+            log.warning("security.permissions", file=str(candidate), mode=oct(mode), fix=fix)  # type: ignore[attr-defined]
+
+
+def cmd_check_config(args: argparse.Namespace) -> ExitCode:
+    settings, path = _settings(args, file_required=True)
+    settings.require_subscription(str(path))
+    print(json.dumps({"config": str(path), "settings": settings.masked()}, indent=2))
+    print(f"consumerd: {path}: OK", file=sys.stderr)
+    return ExitCode.OK
+
+
+def cmd_tasks(args: argparse.Namespace) -> ExitCode:
+    from .registry import load_task_modules
+
+    settings, _ = _settings(args, file_required=True)
+    registry = load_task_modules(settings.tasks.modules)
+    specs = registry.specs()
+    if not specs:
+        raise ConfigError("tasks.modules: no tasks registered (decorate functions with @consumerd.task(NAME))")
+    width = max(len(spec.name) for spec in specs)
+    for spec in specs:
+        print(f"{spec.name:<{width}}  {spec.origin}")
+    return ExitCode.OK
+
+
+def cmd_publish(args: argparse.Namespace) -> ExitCode:
+    settings, _ = _settings(args, file_required=False)
+    data = _payload(args)
+    attributes = dict(_attribute(item) for item in args.attr)
+    if args.count < 1:
+        raise ConfigError("--count must be at least 1")
+    _require_project(settings, args.topic)
+    from .pubsub import PubSub
+
+    adapter = PubSub(settings.pubsub)
+    publisher = adapter.batch_publisher()
+    topic = settings.pubsub.topic_path(args.topic)
+    futures = [publisher.publish(topic, data, **attributes) for _ in range(args.count)]
+    for future in futures:
+        print(future.result(timeout=60))
+    publisher.stop()
+    return ExitCode.OK
+
+
+def cmd_setup(args: argparse.Namespace) -> ExitCode:
+    settings, _ = _settings(args, file_required=False)
+    _require_project(settings, args.topic)
+    if not 10 <= args.ack_deadline <= 600:
+        raise ConfigError(f"--ack-deadline must be 10..600 seconds, got {args.ack_deadline}")
+    if args.dead_letter_topic and not 5 <= args.max_delivery_attempts <= 100:
+        raise ConfigError("--max-delivery-attempts must be 5..100 with --dead-letter-topic")
+    from .pubsub import PubSub
+
+    adapter = PubSub(settings.pubsub)
+    pubsub = settings.pubsub
+    topic = pubsub.topic_path(args.topic)
+    subscription = (
+        args.subscription
+        if args.subscription.startswith("projects/")
+        else f"projects/{pubsub.project}/subscriptions/{args.subscription}"
+    )
+    created = {"topic": adapter.ensure_topic(topic)}
+    dead_letter = pubsub.topic_path(args.dead_letter_topic) if args.dead_letter_topic else ""
+    if dead_letter:
+        created["dead_letter_topic"] = adapter.ensure_topic(dead_letter)
+    created["subscription"] = adapter.ensure_subscription(
+        topic, subscription, args.ack_deadline, dead_letter, args.max_delivery_attempts
+    )
+    for kind, was_created in created.items():
+        name = {"topic": topic, "dead_letter_topic": dead_letter, "subscription": subscription}[kind]
+        print(f"{kind} {name}: {'created' if was_created else 'exists'}")
+    adapter.close()
+    return ExitCode.OK
+
+
+def _require_project(settings: Settings, topic: str) -> None:
+    if not settings.pubsub.project and not topic.startswith("projects/"):
+        raise ConfigError("pubsub.project: required (set it in the config or GOOGLE_CLOUD_PROJECT)")
+
+
+def _payload(args: argparse.Namespace) -> bytes:
+    if args.file and args.data is not None:
+        raise ConfigError("give the payload either as DATA or with --file, not both")
+    if args.file == "-":
+        return sys.stdin.buffer.read()
+    if args.file:
+        try:
+            return Path(args.file).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"--file {args.file}: {exc.strerror}") from None
+    return (args.data or "").encode()
+
+
+def _attribute(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--attr {item!r}: expected KEY=VALUE")
+    return key, value

@@ -1,0 +1,39 @@
+"""Demo tasks that `make run` uses: publish with attribute task=NAME to run one."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from consumerd import Message, task
+from consumerd.logsetup import get_logger
+
+log = get_logger("consumerd.demo")
+
+
+@task("echo")
+def echo(msg: Message) -> None:
+    """Logs what arrived (sizes and attributes, never the payload)."""
+    log.info("demo.echo", message_id=msg.message_id, size=msg.size, attributes=dict(msg.attributes))
+
+
+@task("sleep")
+def sleep(msg: Message) -> None:
+    """Sleeps for the JSON payload's "seconds" (default 1): an I/O-bound task."""
+    time.sleep(float(msg.json().get("seconds", 1)) if msg.data else 1.0)
+
+
+@task("hash")
+def hash_(msg: Message) -> None:
+    """Burns CPU for the JSON payload's "ms" milliseconds (default 20): a CPU-bound task."""
+    budget = float(msg.json().get("ms", 20)) / 1000 if msg.data else 0.02
+    digest = b""
+    end = time.perf_counter() + budget
+    while time.perf_counter() < end:
+        digest = hashlib.sha256(digest).digest()
+
+
+@task("fail")
+def fail(msg: Message) -> None:
+    """Always raises: shows a failure, the nack and the redelivery."""
+    raise RuntimeError("the demo task 'fail' always fails")
