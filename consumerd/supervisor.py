@@ -38,7 +38,8 @@ STATUS_INTERVAL = 2.0
 MAX_SLEEP = 1.0
 FLUSH_TIMEOUT = 10.0  # seconds to wait for the last acks/nacks at exit
 RETRY_BACKOFF = Backoff(base=1.0, cap=60.0)  # seconds before a failed message comes back
-ATTEMPTS_REMEMBERED = 100_000  # local delivery counts kept when Pub/Sub does not count attempts
+ATTEMPTS_REMEMBERED = 100_000
+INTERRUPTED = frozenset({"interrupted", "shutdown"})  # outcomes that are the daemon's doing  # local delivery counts kept when Pub/Sub does not count attempts
 
 
 class State(enum.Enum):
@@ -289,6 +290,8 @@ class Supervisor:
         if event.job is not None and event.job.seq in self.jobs:
             inflight = self.jobs.pop(event.job.seq)
             outcome = "timeout" if event.reason.startswith("timeout") else "crash"
+            if self.state is State.STOPPING and event.worker.kill_reason:
+                outcome = "interrupted"  # we stopped it: not the task's failure
             self.settle(inflight, outcome, now, duration=now - event.worker.started_at, error=event.reason)
 
     def handle_signals(self) -> None:
@@ -409,9 +412,11 @@ class Supervisor:
             self.counters.succeeded += 1
             self.log.info("message.done", **fields)
             return
-        # Give it back after a short, growing delay rather than at once: a failing task must not
-        # spin through redeliveries. The lease is simply set to the delay.
-        self.acker.modack([inflight.ack_id], round(RETRY_BACKOFF.delay(inflight.attempt)))
+        # A failed message comes back after a short, growing delay rather than at once, so a failing
+        # task cannot spin through redeliveries: its lease is set to the delay. One we interrupted
+        # ourselves (stopping) comes back at once, for another consumer to take.
+        delay = 0 if outcome in INTERRUPTED else round(RETRY_BACKOFF.delay(inflight.attempt))
+        self.acker.modack([inflight.ack_id], delay)
         self.counters.failed += 1
         log = self.log.error if outcome == "unknown_task" else self.log.warning
         log("message.failed", **fields, error=error)

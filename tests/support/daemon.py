@@ -1,0 +1,156 @@
+"""Test harness: the real daemon as a child process, its JSON log events, and a real notify socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Event = dict[str, Any]
+REPO = Path(__file__).resolve().parents[2]
+PROJECT = "test-project"
+
+
+class Daemon:
+    """`python -m consumerd run` with its stdout parsed into events a test can wait for."""
+
+    def __init__(self, config: Path, env: dict[str, str]) -> None:
+        self.config = config
+        self.env = env
+        self.events: list[Event] = []
+        self.raw: list[str] = []
+        self.stderr = ""
+        self._cond = threading.Condition()
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> Daemon:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "consumerd", "run", "--config", str(self.config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=self.env,
+            cwd=REPO,
+        )
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        return self
+
+    def _read_stdout(self) -> None:
+        assert self.process and self.process.stdout
+        for line in self.process.stdout:
+            with self._cond:
+                self.raw.append(line)
+                try:
+                    self.events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+                self._cond.notify_all()
+
+    def _read_stderr(self) -> None:
+        assert self.process and self.process.stderr
+        self.stderr = self.process.stderr.read()
+
+    @property
+    def pid(self) -> int:
+        assert self.process
+        return self.process.pid
+
+    def select(self, event: str, **fields: Any) -> list[Event]:
+        with self._cond:
+            return [e for e in self.events if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())]
+
+    def wait_for(self, event: str, count: int = 1, timeout: float = 30, **fields: Any) -> list[Event]:
+        """Block until ``count`` events named ``event`` (with ``fields``) were logged."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [e for e in self.events if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())]
+                if len(found) >= count:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.process and self.process.poll() is not None and not self._more_coming()):
+                    raise AssertionError(
+                        f"waited {timeout}s for {count} x {event} {fields}, saw {len(found)}; "
+                        f"exit={self.process.poll() if self.process else None}; last lines:\n{''.join(self.raw[-15:])}\n{self.stderr[-2000:]}"
+                    )
+                self._cond.wait(min(remaining, 0.5))
+
+    def _more_coming(self) -> bool:
+        return bool(self.process and self.process.stdout and not self.process.stdout.closed)
+
+    def signal(self, signum: int) -> None:
+        assert self.process
+        self.process.send_signal(signum)
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        assert self.process
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class NotifySocket:
+    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, read: bool = True) -> None:
+        self.dir = tempfile.mkdtemp(prefix="notify-")
+        self.path = os.path.join(self.dir, "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[tuple[float, str]] = []
+        self._cond = threading.Condition()
+        if read:
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            with self._cond:
+                self.messages.append((time.monotonic(), data.decode()))
+                self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 30) -> list[str]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate([m for _, m in self.messages]):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"notify socket: condition not met in {timeout}s; got {self.messages[-10:]}")
+                self._cond.wait(remaining)
+            return [m for _, m in self.messages]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def daemon_env(emulator_host: str, ledger_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUMERD_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+    env.update(
+        PUBSUB_EMULATOR_HOST=emulator_host,
+        GOOGLE_CLOUD_PROJECT=PROJECT,
+        TEST_LEDGER_DIR=str(ledger_dir),
+        PYTHONPATH=str(REPO),
+    )
+    env.update(extra)
+    return env

@@ -1,0 +1,81 @@
+"""Tasks for the integration tests. Each appends to an independent ledger the daemon does not own.
+
+The ledger directory comes from TEST_LEDGER_DIR; each line is `event message_id attempt pid`.
+Tasks that misbehave "once" do so on a message's first run only, judged by the ledger.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from consumerd import Message, task
+
+
+def _ledger() -> Path:
+    return Path(os.environ["TEST_LEDGER_DIR"]) / "ledger.txt"
+
+
+def record(event: str, msg: Message) -> None:
+    line = f"{event} {msg.message_id} {msg.delivery_attempt or 0} {os.getpid()}\n"
+    fd = os.open(_ledger(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())  # one write with O_APPEND: lines never interleave
+    finally:
+        os.close(fd)
+
+
+def runs_so_far(msg: Message) -> int:
+    try:
+        lines = _ledger().read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum(1 for line in lines if line.split()[:2] == ["start", msg.message_id])
+
+
+def _first_run(msg: Message) -> bool:
+    record("start", msg)
+    return runs_so_far(msg) == 1
+
+
+@task("ok")
+def ok(msg: Message) -> None:
+    record("start", msg)
+    record("done", msg)
+
+
+@task("sleep")
+def sleep(msg: Message) -> None:
+    record("start", msg)
+    time.sleep(float(msg.json()["seconds"]))
+    record("done", msg)
+
+
+@task("raise_once")
+def raise_once(msg: Message) -> None:
+    if _first_run(msg):
+        raise ValueError("failing on purpose, first run only")
+    record("done", msg)
+
+
+@task("exit_once")
+def exit_once(msg: Message) -> None:
+    if _first_run(msg):
+        os._exit(1)
+    record("done", msg)
+
+
+@task("sigkill_once")
+def sigkill_once(msg: Message) -> None:
+    if _first_run(msg):
+        os.kill(os.getpid(), signal.SIGKILL)
+    record("done", msg)
+
+
+@task("hang_once")
+def hang_once(msg: Message) -> None:
+    if _first_run(msg):
+        time.sleep(3600)
+    record("done", msg)
