@@ -29,7 +29,8 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.keepalive_time_ms", 30_000),
 ]
-RPC_TIMEOUT = 30.0  # seconds for ack/modack/admin calls
+RPC_TIMEOUT = 30.0  # seconds for admin calls
+ACK_TIMEOUT = 5.0  # seconds for ack/modack: a stuck call must not hold back lease renewals for long
 ACK_BATCH = 1000  # ack ids per request: well under the request-size limit
 
 # Errors worth retrying as they are: the service or the network will get better.
@@ -169,7 +170,7 @@ class PubSub:
         for batch in _batches(ack_ids):
             self.rpcs.add("ack")
             self.subscriber.acknowledge(
-                request={"subscription": self.subscription, "ack_ids": batch}, timeout=RPC_TIMEOUT, retry=None
+                request={"subscription": self.subscription, "ack_ids": batch}, timeout=ACK_TIMEOUT, retry=None
             )
 
     def modack(self, ack_ids: Sequence[str], seconds: int) -> None:
@@ -178,7 +179,7 @@ class PubSub:
             self.rpcs.add("modack")
             self.subscriber.modify_ack_deadline(
                 request={"subscription": self.subscription, "ack_ids": batch, "ack_deadline_seconds": seconds},
-                timeout=RPC_TIMEOUT,
+                timeout=ACK_TIMEOUT,
                 retry=None,
             )
 

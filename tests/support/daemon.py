@@ -66,16 +66,26 @@ class Daemon:
         assert self.process
         return self.process.pid
 
-    def select(self, event: str, **fields: Any) -> list[Event]:
+    def mark(self) -> int:
+        """A position in the event stream: pass it as ``since`` to look only at later events."""
         with self._cond:
-            return [e for e in self.events if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())]
+            return len(self.events)
 
-    def wait_for(self, event: str, count: int = 1, timeout: float = 30, **fields: Any) -> list[Event]:
-        """Block until ``count`` events named ``event`` (with ``fields``) were logged."""
+    def select(self, event: str, since: int = 0, **fields: Any) -> list[Event]:
+        with self._cond:
+            return self._matching(event, since, fields)
+
+    def _matching(self, event: str, since: int, fields: dict[str, Any]) -> list[Event]:
+        return [
+            e for e in self.events[since:] if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+        ]
+
+    def wait_for(self, event: str, count: int = 1, timeout: float = 30, since: int = 0, **fields: Any) -> list[Event]:
+        """Block until ``count`` events named ``event`` (with ``fields``) were logged after ``since``."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                found = [e for e in self.events if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())]
+                found = self._matching(event, since, fields)
                 if len(found) >= count:
                     return found
                 remaining = deadline - time.monotonic()
@@ -85,6 +95,15 @@ class Daemon:
                         f"exit={self.process.poll() if self.process else None}; last lines:\n{''.join(self.raw[-15:])}\n{self.stderr[-2000:]}"
                     )
                 self._cond.wait(min(remaining, 0.5))
+
+    def wait_for_ids(self, event: str, ids: set[str], timeout: float = 30, since: int = 0, **fields: Any) -> list[Event]:
+        """Block until an ``event`` was logged for every message id in ``ids``; return those events."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.select(event, since, **fields) if e.get("message_id") in ids]
+            if {e["message_id"] for e in found} >= ids:
+                return found
+            self.wait_for(event, count=len(found) + 1, timeout=max(0.0, deadline - time.monotonic()), since=since, **fields)
 
     def _more_coming(self) -> bool:
         return bool(self.process and self.process.stdout and not self.process.stdout.closed)

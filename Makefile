@@ -1,0 +1,45 @@
+# consumerd: `make run` and `make test` set everything up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EMULATOR_PACKAGES := google-cloud-cli-pubsub-emulator openjdk-17-jre-headless
+PYTEST_ARGS ?=
+
+.PHONY: help venv emulator run test unit integration clean
+
+help:
+	@echo "make run    - start a local Pub/Sub emulator and the daemon with demo tasks (Ctrl-C stops)"
+	@echo "make test   - unit and integration tests against the real emulator"
+	@echo "make unit   - only the fast unit tests"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+# The emulator is a Debian package on these machines; install it (and Java) only if missing.
+emulator:
+	@if ! command -v gcloud >/dev/null || ! command -v java >/dev/null || \
+	    [ ! -x "$$(dirname "$$(dirname "$$(readlink -f "$$(command -v gcloud)")")")/platform/pubsub-emulator/bin/cloud-pubsub-emulator" ]; then \
+	  echo "installing the Pub/Sub emulator and Java..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(EMULATOR_PACKAGES); \
+	fi
+
+run: venv emulator
+	$(PY) -m consumerd.devrun --config config/dev.toml
+
+test: venv emulator
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+unit: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+integration: venv emulator
+	$(PY) -m pytest -q -p no:cacheprovider tests/integration
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,131 @@
+"""The pool, fork server and workers as real processes (no Pub/Sub involved)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import select
+import signal
+import sys
+import time
+
+import pytest
+
+from consumerd.message import Message
+from consumerd.pool import Pool, WorkerExited, WorkerResult, WorkerStarted
+from consumerd.protocol import ForkServerSpec
+
+pytestmark = pytest.mark.integration
+
+
+def message(mid: str, data: bytes = b"") -> Message:
+    return Message(mid, data, {}, datetime.datetime.now(datetime.UTC), None, "", "projects/p/subscriptions/s")
+
+
+@pytest.fixture
+def pool(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_LEDGER_DIR", str(tmp_path))
+    pools = []
+
+    def make(size=2, max_tasks=0):
+        spec = ForkServerSpec(tuple(sys.path), ("tests.support.tasks",), "json", "warning", max_tasks)
+        p = Pool(spec, size, forget=lambda sock: None)
+        names = p.start()
+        assert "ok" in names and "sleep" in names
+        p.spawn_missing()
+        pools.append(p)
+        return p
+
+    yield make
+    for p in pools:
+        p.stop()
+
+
+def pump(pool: Pool, until, timeout: float = 20.0) -> list:
+    """Read pool events until ``until(events)`` holds."""
+    events: list = []
+    deadline = time.monotonic() + timeout
+    while not until(events):
+        assert time.monotonic() < deadline, f"timed out; events so far: {events}"
+        fds = {pool.control_fd: None, **{w.sock.fileno(): w for w in pool.workers.values() if not w.closed}}
+        ready, _, _ = select.select(list(fds), [], [], 0.2)
+        for fd in ready:
+            worker = fds[fd]
+            events += pool.read_control() if worker is None else pool.read_worker(worker, time.monotonic())
+        pool.escalate_kills(time.monotonic())
+    return events
+
+
+def started(n):
+    return lambda events: sum(isinstance(e, WorkerStarted) for e in events) >= n
+
+
+def of_type(kind):
+    return lambda events: any(isinstance(e, kind) for e in events)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_workers_start_in_their_own_process_groups_and_run_jobs(pool):
+    p = pool(size=2)
+    pump(p, started(2))
+    for worker in p.workers.values():
+        assert os.getpgid(worker.pid) == worker.pid
+    worker = p.idle_workers()[0]
+    job = p.assign(worker, "ok", message("m1"), time.monotonic())
+    [result] = [e for e in pump(p, of_type(WorkerResult)) if isinstance(e, WorkerResult)]
+    assert result.job == job and result.result.ok and worker.idle
+
+
+def test_a_crashing_worker_reports_its_exit_status_and_job(pool):
+    p = pool(size=1)
+    pump(p, started(1))
+    [worker] = p.idle_workers()
+    job = p.assign(worker, "exit_once", message("m2"), time.monotonic())
+    [exited] = [e for e in pump(p, of_type(WorkerExited)) if isinstance(e, WorkerExited)]
+    assert exited.job == job and exited.reason == "exited with code 1" and exited.exit_code == 1
+    assert p.spawn_missing() == 1  # the pool asks for a replacement
+
+
+def test_kill_is_two_stage_and_names_the_reason(pool):
+    p = pool(size=1)
+    pump(p, started(1))
+    [worker] = p.idle_workers()
+    p.assign(worker, "sleep", message("m3", b'{"seconds": 600}'), time.monotonic())
+    time.sleep(0.2)
+    p.kill(worker, "timeout after 1s", time.monotonic(), grace=0.5)
+    [exited] = [e for e in pump(p, of_type(WorkerExited)) if isinstance(e, WorkerExited)]
+    assert exited.reason == "timeout after 1s" and exited.exit_code == -signal.SIGTERM
+
+
+def test_max_tasks_per_child_1_forks_a_fresh_worker_per_job(pool):
+    p = pool(size=1, max_tasks=1)
+    pids = []
+    for i in range(3):
+        pump(p, lambda events: bool(p.idle_workers()))
+        [worker] = p.idle_workers()
+        pids.append(worker.pid)
+        p.assign(worker, "ok", message(f"m{i}"), time.monotonic())
+        assert not worker.idle and not worker.live or worker.job is not None
+        pump(p, of_type(WorkerResult))
+        assert worker.exhausted and not worker.idle
+        p.spawn_missing()
+    assert len(set(pids)) == 3
+
+
+def test_stopping_the_pool_kills_workers_mid_task(pool):
+    p = pool(size=1)
+    pump(p, started(1))
+    [worker] = p.idle_workers()
+    p.assign(worker, "sleep", message("m4", b'{"seconds": 600}'), time.monotonic())
+    p.stop()
+    deadline = time.monotonic() + 10
+    while alive(worker.pid):
+        assert time.monotonic() < deadline, "worker outlived the fork server"
+        time.sleep(0.05)

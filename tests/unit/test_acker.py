@@ -1,0 +1,103 @@
+"""The acker thread against a fake Pub/Sub: batching, supersession, retries, give-up, flush."""
+
+import threading
+
+from consumerd.acker import Acker
+from consumerd.backoff import Backoff
+
+
+class Transient(Exception):
+    pass
+
+
+class Permanent(Exception):
+    pass
+
+
+class FakeRpc:
+    def __init__(self, failures=()):
+        self.calls = []
+        self.failures = list(failures)  # exceptions to raise on the next calls, in order
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def ack(self, ids):
+        self._call(("ack", tuple(sorted(ids))))
+
+    def modack(self, ids, seconds):
+        self._call(("modack", tuple(sorted(ids)), seconds))
+
+    def _call(self, record):
+        self.gate.wait(10)
+        self.calls.append(record)
+        if self.failures:
+            raise self.failures.pop(0)
+
+
+def make(rpc, **kwargs):
+    acker = Acker(rpc.ack, rpc.modack, lambda e: isinstance(e, Transient), backoff=Backoff(base=0.001, cap=0.002), **kwargs)
+    acker.start()
+    return acker
+
+
+def test_requests_queued_during_an_rpc_are_merged_into_one_batch():
+    rpc = FakeRpc()
+    rpc.gate.clear()
+    acker = make(rpc)
+    acker.ack(["a"])
+    for ack_id in "bcd":
+        acker.ack([ack_id])
+    acker.modack(["x", "y"], 30)
+    rpc.gate.set()
+    assert acker.flush(5)
+    assert ("ack", ("b", "c", "d")) in rpc.calls or ("ack", ("a", "b", "c", "d")) in rpc.calls
+    assert len([c for c in rpc.calls if c[0] == "ack"]) <= 2
+    assert acker.stats["acked"] == 4 and acker.stats["extended"] == 2
+
+
+def test_a_later_request_for_the_same_ack_id_supersedes_the_earlier():
+    rpc = FakeRpc()
+    rpc.gate.clear()
+    acker = make(rpc)
+    acker.ack(["block"])  # holds the thread in an RPC while the next two queue up
+    acker.modack(["a"], 60)
+    acker.ack(["a"])
+    rpc.gate.set()
+    assert acker.flush(5)
+    assert ("modack", ("a",), 60) not in rpc.calls
+    assert any(c[0] == "ack" and "a" in c[1] for c in rpc.calls)
+
+
+def test_transient_failures_are_retried_until_success():
+    rpc = FakeRpc(failures=[Transient(), Transient()])
+    acker = make(rpc)
+    acker.ack(["a"])
+    assert acker.flush(5)
+    assert rpc.calls == [("ack", ("a",))] * 3
+    assert acker.stats == {"acked": 1, "nacked": 0, "extended": 0, "dropped": 0, "rpc_failures": 2}
+
+
+def test_permanent_failures_are_dropped_and_counted():
+    rpc = FakeRpc(failures=[Permanent()])
+    acker = make(rpc)
+    acker.modack(["a", "b"], 0)
+    assert acker.flush(5)
+    assert acker.stats["dropped"] == 2 and acker.stats["nacked"] == 0
+
+
+def test_retries_give_up_once_the_request_is_too_old():
+    clock = [0.0]
+    rpc = FakeRpc(failures=[Transient()] * 1000)
+    acker = make(rpc, give_up_after=100.0, clock=lambda: clock[0])
+    acker.ack(["a"])
+    while len(rpc.calls) < 3:
+        threading.Event().wait(0.001)
+    clock[0] = 101.0
+    assert acker.flush(5)
+    assert acker.stats["dropped"] == 1
+
+
+def test_flush_with_nothing_queued_returns_at_once():
+    acker = make(FakeRpc())
+    assert acker.flush(5)
+    acker.stop()

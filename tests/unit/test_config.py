@@ -1,0 +1,138 @@
+from pathlib import Path
+
+import pytest
+
+from consumerd.config import DEFAULT_CONFIG_PATH, config_path, load_settings
+from consumerd.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("CONSUMERD_") or name in ("GOOGLE_CLOUD_PROJECT", "PUBSUB_EMULATOR_HOST", "CREDENTIALS_DIRECTORY"):
+            monkeypatch.delenv(name)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_match_the_documented_contract(tmp_path):
+    s = load_settings(write(tmp_path, '[pubsub]\nproject = "p"\nsubscription = "jobs"\n'))
+    assert (s.workers.concurrency, s.workers.max_tasks_per_child, s.workers.task_timeout) == (8, 0, 600)
+    assert (s.leases.ack_deadline, s.shutdown.drain_timeout) == (60, 60)
+    assert (s.tasks.modules, s.tasks.route_attribute, s.tasks.default) == ([], "task", "")
+    assert (s.logging.format, s.logging.level) == ("auto", "info")
+    assert s.pubsub.subscription_path == "projects/p/subscriptions/jobs"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "needle"),
+    [
+        ("workers", "concurrency", "0", "greater than or equal to 1"),
+        ("workers", "concurrency", '"many"', "valid integer"),
+        ("workers", "max_tasks_per_child", "-1", "greater than or equal to 0"),
+        ("workers", "task_timeout", "0", "greater than 0"),
+        ("leases", "ack_deadline", "5", "greater than or equal to 10"),
+        ("leases", "ack_deadline", "601", "less than or equal to 600"),
+        ("shutdown", "drain_timeout", "-1", "greater than or equal to 0"),
+        ("tasks", "modules", '"myapp.tasks"', "valid list"),
+        ("tasks", "modules", '["not a module"]', "not a Python module name"),
+        ("tasks", "route_attribute", '""', "at least 1 character"),
+        ("logging", "format", '"xml"', "'auto', 'json' or 'console'"),
+        ("logging", "level", '"loud"', "'debug'"),
+        ("pubsub", "subscription", '"a/b"', "subscription name"),
+        ("pubsub", "emulator_host", '"localhost"', "HOST:PORT"),
+    ],
+)
+def test_each_bad_value_is_one_line_naming_key_and_file(tmp_path, section, key, value, needle):
+    path = write(tmp_path, f'[{section}]\n{key} = {value}\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    text = str(err.value)
+    assert "\n" not in text
+    assert f"{section}.{key}" in text and str(path) in text and needle in text
+
+
+@pytest.mark.parametrize("text", ["[workers]\nconcurency = 2\n", "[worker]\nconcurrency = 2\n", "top = 1\n"])
+def test_unknown_keys_and_sections_are_errors(tmp_path, text):
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_settings(write(tmp_path, text))
+
+
+def test_env_overrides_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONSUMERD_WORKERS__CONCURRENCY", "3")
+    monkeypatch.setenv("CONSUMERD_TASKS__MODULES", '["a.b", "c"]')
+    s = load_settings(write(tmp_path, "[workers]\nconcurrency = 9\nmax_tasks_per_child = 4\n"))
+    assert s.workers.concurrency == 3 and s.workers.max_tasks_per_child == 4
+    assert s.tasks.modules == ["a.b", "c"]
+
+
+def test_env_value_that_does_not_parse_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONSUMERD_WORKERS__CONCURRENCY", "lots")
+    with pytest.raises(ConfigError, match="environment CONSUMERD_WORKERS__CONCURRENCY: workers.concurrency"):
+        load_settings(write(tmp_path, ""))
+
+
+def test_env_list_that_is_not_json_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONSUMERD_TASKS__MODULES", "a.b,c")
+    with pytest.raises(ConfigError, match="list values are JSON"):
+        load_settings(write(tmp_path, ""))
+
+
+@pytest.mark.parametrize("name", ["CONSUMERD_WORKER__CONCURRENCY", "CONSUMERD_CONCURRENCY", "CONSUMERD_WORKERS__CONCURENCY"])
+def test_env_typos_are_errors(tmp_path, monkeypatch, name):
+    monkeypatch.setenv(name, "2")
+    with pytest.raises(ConfigError, match=name):
+        load_settings(write(tmp_path, ""))
+
+
+def test_google_variables_are_the_fallback(tmp_path, monkeypatch):
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "from-env")
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", "127.0.0.1:8085")
+    s = load_settings(write(tmp_path, '[pubsub]\nsubscription = "jobs"\n'))
+    assert s.pubsub.project == "from-env" and s.pubsub.emulator_host == "127.0.0.1:8085"
+    explicit = load_settings(write(tmp_path, '[pubsub]\nproject = "mine"\nsubscription = "jobs"\n'))
+    assert explicit.pubsub.project == "mine"
+
+
+def test_full_subscription_path_supplies_the_project(tmp_path):
+    s = load_settings(write(tmp_path, '[pubsub]\nsubscription = "projects/x/subscriptions/jobs"\n'))
+    assert s.pubsub.project == "x" and s.pubsub.subscription_path == "projects/x/subscriptions/jobs"
+
+
+def test_run_requires_subscription_and_project(tmp_path):
+    with pytest.raises(ConfigError, match="pubsub.subscription: required"):
+        load_settings(write(tmp_path, "")).require_subscription("f")
+    with pytest.raises(ConfigError, match="pubsub.project: required"):
+        load_settings(write(tmp_path, '[pubsub]\nsubscription = "jobs"\n')).require_subscription("f")
+
+
+def test_toml_syntax_error_has_line_and_column(tmp_path):
+    with pytest.raises(ConfigError, match=r"TOML syntax error: .*line 3, column"):
+        load_settings(write(tmp_path, "[pubsub]\nproject = 'p'\nsubscription = = 1\n"))
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_settings(tmp_path)
+
+
+def test_config_path_precedence(monkeypatch):
+    assert config_path(None) == (DEFAULT_CONFIG_PATH, False)
+    monkeypatch.setenv("CONSUMERD_CONFIG", "/srv/c.toml")
+    assert config_path(None) == (Path("/srv/c.toml"), True)
+    assert config_path("/x.toml") == (Path("/x.toml"), True)
+
+
+def test_credentials_resolve_against_systemd_credentials_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/consumerd.service")
+    s = load_settings(write(tmp_path, '[pubsub]\ncredentials_file = "gcp-key.json"\n'))
+    assert str(s.pubsub.credentials_path()) == "/run/credentials/consumerd.service/gcp-key.json"
+    assert "contents not shown" in s.masked()["pubsub"]["credentials_file"]
