@@ -37,7 +37,11 @@ class Acker:
         backoff: Backoff = Backoff(base=0.1, cap=5.0),
         give_up_after: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        linger: float = 0.005,
+        max_batch: int = 1000,
     ) -> None:
+        self._linger = linger  # seconds to wait for more requests before sending: fewer, fuller RPCs
+        self._max_batch = max_batch
         self._ack = ack
         self._modack = modack
         self._is_transient = is_transient
@@ -87,24 +91,39 @@ class Acker:
                 self._flush_waiters.clear()
 
     def _collect(self, wait: float | None) -> bool:
-        """Merge queued requests into pending; block for the first when nothing is pending."""
+        """Merge queued requests into pending; False when told to stop.
+
+        With nothing pending it blocks for the first request, then lingers briefly for more so
+        that acks of tasks finishing close together share one RPC.
+        """
+        block = not self._pending or wait is not None
         try:
-            block = not self._pending or wait is not None
             request = self._queue.get(timeout=wait) if block else self._queue.get_nowait()
-            while True:
-                if request is None:
-                    return False
-                if isinstance(request, threading.Event):
-                    self._flush_waiters.append(request)
-                    request = self._queue.get_nowait()
-                    continue
-                now = self._clock()
-                for ack_id in request.ack_ids:
-                    previous = self._pending.get(ack_id)
-                    self._pending[ack_id] = (request.seconds, previous[1] if previous else now)
-                request = self._queue.get_nowait()
         except queue.Empty:
             return True
+        linger_until = time.monotonic() + self._linger
+        while True:
+            if request is None:
+                return False
+            if isinstance(request, threading.Event):
+                self._flush_waiters.append(request)
+                linger_until = 0.0  # someone waits for the flush: send now
+            else:
+                self._merge(request)
+            remaining = linger_until - time.monotonic()
+            try:
+                if remaining > 0 and len(self._pending) < self._max_batch:
+                    request = self._queue.get(timeout=remaining)
+                else:
+                    request = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _merge(self, request: _Request) -> None:
+        now = self._clock()
+        for ack_id in request.ack_ids:
+            previous = self._pending.get(ack_id)
+            self._pending[ack_id] = (request.seconds, previous[1] if previous else now)
 
     def _send_pending(self) -> bool:
         """One RPC per kind of request; return True if any failed transiently (back off, retry)."""

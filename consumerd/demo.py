@@ -37,3 +37,8 @@ def hash_(msg: Message) -> None:
 def fail(msg: Message) -> None:
     """Always raises: shows a failure, the nack and the redelivery."""
     raise RuntimeError("the demo task 'fail' always fails")
+
+
+@task("noop")
+def noop(msg: Message) -> None:
+    """Does nothing: measures the daemon's own overhead per message."""

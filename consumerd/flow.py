@@ -13,3 +13,25 @@ def pull_size(
     """
     free = concurrency + prefetch - busy - buffered - requested
     return max(0, min(free, max_per_pull))
+
+
+def prefetch_allowance(concurrency: int, mean_task_seconds: float | None, horizon: float = 0.1, cap: int = 100) -> int:
+    """Messages that may wait beyond the free workers: as many as the pool starts within ``horizon``.
+
+    Short tasks get a deep buffer (no worker waits on a pull round trip); long tasks get none, so
+    no message sits leased here while other consumers could run it. Unknown duration: none.
+    """
+    if mean_task_seconds is None:
+        return 0
+    return min(cap, int(concurrency * horizon / max(mean_task_seconds, 1e-4)))
+
+
+class Ewma:
+    """Exponentially weighted moving average of task durations; None until the first sample."""
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        self.alpha = alpha
+        self.value: float | None = None
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value is None else self.value + self.alpha * (sample - self.value)

@@ -27,15 +27,21 @@ from typing import Any
 from .errors import ConfigError, ExitCode
 from .logsetup import configure_logging, get_logger
 from .protocol import ForkServerSpec
+from .worker import reset_process_state, serve  # imported here once, not in every forked child
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 MAX_PACKET = 64 * 1024
 
 
+_libc: ctypes.CDLL | None = None
+
+
 def prctl(option: int, value: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, value, 0, 0, 0) != 0:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)  # loaded once, in the fork server: children inherit it
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
 
@@ -91,6 +97,7 @@ class ForkServer:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the loop via the wake-up fd
         # Orphans of tasks (double-forked daemons) are reparented here and reaped, never zombies.
         prctl(PR_SET_CHILD_SUBREAPER, 1)
+        reset_process_state  # noqa: B018 - imported above so forked workers need no imports
 
     @staticmethod
     def wakeup_fd() -> int:
@@ -130,8 +137,6 @@ class ForkServer:
     def become_worker(self, sock: socket.socket) -> None:
         code = 70
         try:
-            from .worker import reset_process_state, serve
-
             os.setpgid(0, 0)
             my_parent = os.getppid()
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

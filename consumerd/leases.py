@@ -32,6 +32,7 @@ class LeaseSchedule:
         self._renew_fraction = renew_fraction
         self._batch_fraction = batch_fraction
         self._leases: dict[str, Lease] = {}
+        self._next_due: float | None = None  # cached: None = recompute
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -42,16 +43,28 @@ class LeaseSchedule:
     def add(self, ack_id: str, now: float, deadline: float) -> None:
         """A message arrived at ``now`` holding the subscription's ``deadline``."""
         self._leases[ack_id] = Lease(ack_id, now, deadline)
+        due = now + deadline * self._renew_fraction
+        if self._next_due is not None and due < self._next_due:
+            self._next_due = due
+        elif len(self._leases) == 1:
+            self._next_due = due
 
     def remove(self, ack_id: str) -> None:
         """The message was acked or nacked: its lease no longer matters."""
-        self._leases.pop(ack_id, None)
+        lease = self._leases.pop(ack_id, None)
+        if lease is not None and self._next_due is not None:
+            if lease.extended_at + lease.deadline * self._renew_fraction <= self._next_due:
+                self._next_due = None  # it was the earliest: recompute when asked
 
     def next_due(self) -> float | None:
         """Monotonic time of the next renewal, or None when nothing is leased."""
         if not self._leases:
             return None
-        return min(lease.extended_at + lease.deadline * self._renew_fraction for lease in self._leases.values())
+        if self._next_due is None:
+            self._next_due = min(
+                lease.extended_at + lease.deadline * self._renew_fraction for lease in self._leases.values()
+            )
+        return self._next_due
 
     def due(self, now: float) -> list[str]:
         """Ack ids to renew at ``now``: empty unless some lease is due, then its whole cohort."""
@@ -71,6 +84,7 @@ class LeaseSchedule:
             if lease is not None:
                 lease.extended_at = now
                 lease.deadline = self.ack_deadline
+        self._next_due = None
 
     def expired(self, now: float) -> list[str]:
         """Leases that ran out (renewals failed, e.g. during an outage): Pub/Sub may redeliver them."""

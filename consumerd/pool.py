@@ -149,7 +149,7 @@ class Pool:
     def _adopt(self, worker_id: int, pid: int, fd: int) -> WorkerStarted:
         self._pending_spawns -= 1
         sock = socket.socket(fileno=fd)
-        sock.settimeout(SEND_TIMEOUT)
+        sock.setblocking(False)  # one syscall per send/recv on the hot path; see _send
         handle = WorkerHandle(worker_id, pid, sock, max_tasks=self.spec.max_tasks_per_child)
         self.workers[pid] = handle
         self.stats["spawned"] += 1
@@ -187,7 +187,7 @@ class Pool:
         worker.job = job
         worker.started_at = now
         try:
-            worker.sock.sendall(encode(job))
+            _send(worker.sock, encode(job))
         except OSError as exc:  # died, or stuck not reading: it is killed and the job fails
             self.kill(worker, f"could not send job: {type(exc).__name__}", now, grace=0)
         return job
@@ -196,6 +196,8 @@ class Pool:
         """Results the worker sent; at end of stream or garbage the worker is killed (exit follows)."""
         try:
             data = worker.sock.recv(1 << 16)
+        except BlockingIOError:
+            return []
         except OSError:
             data = b""
         if not data:
@@ -262,6 +264,21 @@ class Pool:
             except subprocess.TimeoutExpired:
                 self._server.kill()
                 self._server.wait()
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    """Send without blocking when the socket buffer takes it all (always, for small jobs); a large
+    message that does not fit waits up to SEND_TIMEOUT for the idle worker to read it."""
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(data):
+        sock.settimeout(SEND_TIMEOUT)
+        try:
+            sock.sendall(memoryview(data)[sent:])
+        finally:
+            sock.setblocking(False)
 
 
 def _drain_ready(reader: FrameReader) -> list[Any]:

@@ -31,3 +31,22 @@ def test_backoff_full_jitter_spans_zero_to_ceiling():
 )
 def test_pull_size(concurrency, busy, buffered, requested, prefetch, expected):
     assert pull_size(concurrency, busy, buffered, requested, prefetch=prefetch) == expected
+
+
+def test_prefetch_holds_only_what_the_pool_starts_within_the_horizon():
+    from consumerd.flow import prefetch_allowance
+
+    assert prefetch_allowance(4, None) == 0  # nothing known yet: hold nothing extra
+    assert prefetch_allowance(4, 0.001) == 100  # very short tasks: capped at one pull
+    assert prefetch_allowance(2, 0.02) == 10  # 20 ms tasks on 2 workers: 100 ms worth
+    assert prefetch_allowance(8, 1.0) == 0  # long tasks: none wait here while others could run them
+
+
+def test_ewma_follows_samples():
+    from consumerd.flow import Ewma
+
+    ewma = Ewma(alpha=0.5)
+    assert ewma.value is None
+    ewma.add(1.0)
+    ewma.add(3.0)
+    assert ewma.value == 2.0
