@@ -31,8 +31,8 @@ class _Request:
 class Acker:
     def __init__(
         self,
-        ack: Callable[[Sequence[str]], None],
-        modack: Callable[[Sequence[str], int], None],
+        ack: Callable[[Sequence[str]], dict[str, str] | None],
+        modack: Callable[[Sequence[str], int], dict[str, str] | None],
         is_transient: Callable[[BaseException], bool],
         backoff: Backoff = Backoff(base=0.1, cap=5.0),
         give_up_after: float = 600.0,
@@ -52,7 +52,7 @@ class Acker:
         self._pending: dict[str, tuple[int, float]] = {}  # ack id -> (seconds, first queued at)
         self._flush_waiters: list[threading.Event] = []
         self._thread = threading.Thread(target=self._run, name="consumerd-acker", daemon=True)
-        self.stats = {"acked": 0, "nacked": 0, "extended": 0, "dropped": 0, "rpc_failures": 0}
+        self.stats = {"acked": 0, "nacked": 0, "extended": 0, "dropped": 0, "rpc_failures": 0, "ack_id_failures": 0}
         self.log = get_logger("consumerd.acker")
 
     def start(self) -> None:
@@ -137,10 +137,7 @@ class Acker:
 
     def _send(self, ack_ids: list[str], seconds: int) -> bool:
         try:
-            if seconds == ACK:
-                self._ack(ack_ids)
-            else:
-                self._modack(ack_ids, seconds)
+            failures = (self._ack(ack_ids) if seconds == ACK else self._modack(ack_ids, seconds)) or {}
         except Exception as exc:  # noqa: BLE001 - classified below; the thread must live on
             self.stats["rpc_failures"] += 1
             if self._is_transient(exc):
@@ -150,8 +147,25 @@ class Acker:
             self.log.error("pubsub.ack_failed", op=_op(seconds), count=len(ack_ids), error=f"{type(exc).__name__}: {exc}"[:300])
             self._forget(ack_ids, seconds, dropped=True)
             return False
-        self._forget(ack_ids, seconds, dropped=False)
-        return False
+        self._forget([a for a in ack_ids if a not in failures], seconds, dropped=False)
+        return self._handle_ack_id_failures(failures, seconds)
+
+    def _handle_ack_id_failures(self, failures: dict[str, str], seconds: int) -> bool:
+        """Exactly-once subscriptions report ack ids one by one: retry the transient, drop the rest."""
+        if not failures:
+            return False
+        self.stats["ack_id_failures"] += len(failures)
+        permanent = [a for a, why in failures.items() if not why.startswith("TRANSIENT_")]
+        if permanent:
+            # The lease was lost (expired, or the message was already acked): Pub/Sub may deliver
+            # it again. Nothing more to do here but say so.
+            reasons = sorted({failures[a] for a in permanent})
+            self.log.error("pubsub.ack_id_failed", op=_op(seconds), count=len(permanent), reasons=reasons)
+            self._forget(permanent, seconds, dropped=True)
+        transient = [a for a in failures if a not in permanent]
+        if transient:
+            self._give_up_stale(transient, seconds)
+        return bool(transient)
 
     def _forget(self, ack_ids: list[str], seconds: int, dropped: bool) -> None:
         for ack_id in ack_ids:

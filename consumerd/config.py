@@ -93,6 +93,42 @@ class WorkerSettings(_Section):
 
 class LeaseSettings(_Section):
     ack_deadline: int = Field(60, ge=10, le=600)
+    adaptive: bool = True
+    min_ack_deadline: int = Field(10, ge=10, le=600)
+    max_ack_deadline: int = Field(600, ge=10, le=600)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LeaseSettings:
+        if self.min_ack_deadline > self.max_ack_deadline:
+            raise ValueError("min_ack_deadline must not exceed max_ack_deadline")
+        return self
+
+
+class RetrySettings(_Section):
+    min_backoff: float = Field(1.0, ge=0, le=600)
+    max_backoff: float = Field(600.0, ge=0, le=600)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RetrySettings:
+        if self.min_backoff > self.max_backoff:
+            raise ValueError("min_backoff must not exceed max_backoff")
+        return self
+
+
+class DeadLetterSettings(_Section):
+    topic: str = ""
+    max_attempts: int = Field(0, ge=0, le=1000)
+
+    @model_validator(mode="after")
+    def _needs_topic(self) -> DeadLetterSettings:
+        if self.max_attempts and not self.topic:
+            raise ValueError("max_attempts needs a topic to forward to")
+        return self
+
+
+class FlowSettings(_Section):
+    max_inflight_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    max_message_bytes: int = Field(0, ge=0)
 
 
 class ShutdownSettings(_Section):
@@ -103,6 +139,7 @@ class TaskSettings(_Section):
     modules: list[str] = Field(default_factory=list)
     route_attribute: str = Field("task", min_length=1)
     default: str = ""
+    idempotency_attribute: str = ""
 
     @field_validator("modules")
     @classmethod
@@ -148,6 +185,9 @@ class Settings(BaseSettings):
     pubsub: PubSubSettings = PubSubSettings()
     workers: WorkerSettings = WorkerSettings()
     leases: LeaseSettings = LeaseSettings()
+    retry: RetrySettings = RetrySettings()
+    dead_letter: DeadLetterSettings = DeadLetterSettings()
+    flow: FlowSettings = FlowSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     tasks: TaskSettings = TaskSettings()
     logging: LoggingSettings = LoggingSettings()

@@ -43,3 +43,31 @@ class PubSubUnavailable(ConsumerdError):
 
 class WorkerProtocolError(ConsumerdError):
     """A worker sent something that is not a valid frame: the worker is treated as crashed."""
+
+
+class Retry(Exception):
+    """Raised by a task: run this message again after ``after`` seconds (at most 600).
+
+    The daemon sets the message's lease to the delay instead of nacking it, so Pub/Sub hands it
+    out again (to this host or another) once the delay has passed.
+    """
+
+    def __init__(self, after: float, reason: str = "") -> None:
+        super().__init__(reason or f"retry requested after {after:g}s")
+        self.after = after
+
+
+class Reject(Exception):
+    """Raised by a task for a message that can never succeed (a poison message).
+
+    With `[dead_letter] topic` set it is forwarded there and acked; without, it is given back with
+    the maximum backoff and logged as an error: never silently dropped.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PayloadError(Reject, ValueError):
+    """`Message.json()` / `.text()` on a payload that does not decode: a reject, and a ValueError."""

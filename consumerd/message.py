@@ -9,6 +9,8 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
+from .errors import PayloadError
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Message:
@@ -25,6 +27,18 @@ class Message:
     delivery_attempt: int | None
     ordering_key: str
     subscription: str
+    key_attribute: str = ""  # [tasks] idempotency_attribute
+
+    @property
+    def idempotency_key(self) -> str:
+        """A stable key to de-duplicate on: the configured attribute if present, else the message id.
+
+        Delivery is at least once, so a task may see the same message again; this key is the same
+        on every delivery (and, with an attribute the publisher sets, across republished copies).
+        """
+        if self.key_attribute and self.attributes.get(self.key_attribute):
+            return self.attributes[self.key_attribute]
+        return self.message_id
 
     def __post_init__(self) -> None:
         if not isinstance(self.attributes, types.MappingProxyType):
@@ -43,6 +57,7 @@ class Message:
                 self.delivery_attempt,
                 self.ordering_key,
                 self.subscription,
+                self.key_attribute,
             ),
         )
 
@@ -52,9 +67,15 @@ class Message:
         return len(self.data)
 
     def text(self, encoding: str = "utf-8") -> str:
-        """The payload decoded as text; raises UnicodeDecodeError for bytes that are not."""
-        return self.data.decode(encoding)
+        """The payload decoded as text; raises PayloadError (a Reject) for bytes that are not."""
+        try:
+            return self.data.decode(encoding)
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"payload is not {encoding} text: {exc.reason} at byte {exc.start}") from None
 
     def json(self) -> Any:
-        """The payload parsed as JSON (UTF-8); raises ValueError for anything else."""
-        return json.loads(self.text())
+        """The payload parsed as JSON; raises PayloadError (a Reject and a ValueError) if it is not."""
+        try:
+            return json.loads(self.text())
+        except json.JSONDecodeError as exc:
+            raise PayloadError(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None

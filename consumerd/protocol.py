@@ -28,6 +28,11 @@ class Job:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Result:
     seq: int
-    ok: bool
+    outcome: str  # delivery.SUCCESS, ERROR, RETRY or REJECT
     duration: float  # seconds the task function ran, measured in the worker
-    error: str = ""  # "ExceptionType: text" when not ok
+    error: str = ""  # "ExceptionType: text" when not a success
+    retry_after: float | None = None  # with RETRY: the delay the task asked for
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "success"

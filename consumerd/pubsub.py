@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 from google.api_core import exceptions as gexc
@@ -34,6 +34,7 @@ CHANNEL_OPTIONS = [
 RPC_TIMEOUT = 30.0  # seconds for admin calls
 ACK_TIMEOUT = 5.0  # seconds for ack/modack: a stuck call must not hold back lease renewals for long
 ACK_BATCH = 1000  # ack ids per request: well under the request-size limit
+EXACTLY_ONCE_FAILURE = "EXACTLY_ONCE_ACKID_FAILURE"
 
 # Errors worth retrying as they are: the service or the network will get better.
 TRANSIENT = (
@@ -203,27 +204,51 @@ class PubSub:
         response = hot.call(hot.pull, request, timeout)
         return [_received(raw, self.subscription) for raw in response.received_messages]  # type: ignore[attr-defined]
 
-    def ack(self, ack_ids: Sequence[str]) -> None:
+    def ack(self, ack_ids: Sequence[str]) -> dict[str, str]:
+        """Acknowledge; return the ack ids that failed individually (exactly-once subscriptions)."""
         hot = self.hot
+        failures: dict[str, str] = {}
         for batch in _batches(ack_ids):
             self.rpcs.add("ack")
             request = types.AcknowledgeRequest.pb()(subscription=self.subscription, ack_ids=batch)
-            hot.call(hot.ack, request, ACK_TIMEOUT)
+            failures.update(_per_ack_id(lambda: hot.call(hot.ack, request, ACK_TIMEOUT)))
+        return failures
 
-    def modack(self, ack_ids: Sequence[str], seconds: int) -> None:
-        """Extend (seconds > 0) or give back (seconds = 0: nack) the leases of ``ack_ids``."""
+    def modack(self, ack_ids: Sequence[str], seconds: int) -> dict[str, str]:
+        """Extend (seconds > 0) or give back (seconds = 0: nack) leases; return individual failures."""
         hot = self.hot
+        failures: dict[str, str] = {}
         for batch in _batches(ack_ids):
             self.rpcs.add("modack")
             request = types.ModifyAckDeadlineRequest.pb()(
                 subscription=self.subscription, ack_ids=batch, ack_deadline_seconds=seconds
             )
-            hot.call(hot.modack, request, ACK_TIMEOUT)
+            failures.update(_per_ack_id(lambda: hot.call(hot.modack, request, ACK_TIMEOUT)))
+        return failures
+
+    def publish(self, topic: str, data: bytes, attributes: Mapping[str, str]) -> str:
+        """Publish one message now (not batched); return its id. Used for dead letters."""
+        response = self.publisher.publish(
+            request={"topic": topic, "messages": [{"data": data, "attributes": dict(attributes)}]},
+            timeout=RPC_TIMEOUT,
+            retry=None,
+        )
+        return response.message_ids[0]
+
+    def topic_exists(self, topic: str) -> bool:
+        try:
+            self.publisher.get_topic(request={"topic": topic}, timeout=RPC_TIMEOUT, retry=None)
+        except gexc.NotFound:
+            return False
+        return True
 
     # -- publishing and setup (CLI) --------------------------------------------------------
-    def batch_publisher(self) -> pubsub_v1.PublisherClient:
-        """The library's batching publisher, on our channel options."""
-        return pubsub_v1.PublisherClient(transport=PublisherGrpcTransport(channel=self._channel(PublisherGrpcTransport)))
+    def batch_publisher(self, ordered: bool = False) -> pubsub_v1.PublisherClient:
+        """The library's batching publisher, on our channel options (ordered: honours ordering keys)."""
+        return pubsub_v1.PublisherClient(
+            publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=ordered),
+            transport=PublisherGrpcTransport(channel=self._channel(PublisherGrpcTransport)),
+        )
 
     def ensure_topic(self, topic: str) -> bool:
         """Create the topic if missing; True if it was created."""
@@ -252,6 +277,22 @@ class PubSub:
             return True
         except gexc.AlreadyExists:
             return False
+
+
+def _per_ack_id(call: Callable[[], object]) -> dict[str, str]:
+    """Run an ack/modack; on an exactly-once subscription, return the ack ids that failed with why.
+
+    Such a subscription answers a call with some bad ack ids by INVALID_ARGUMENT whose ErrorInfo
+    (reason EXACTLY_ONCE_ACKID_FAILURE) maps each failed ack id to PERMANENT_FAILURE_... or
+    TRANSIENT_FAILURE_...; the ack ids it does not list succeeded. Any other error is raised.
+    """
+    try:
+        call()
+    except gexc.GoogleAPICallError as exc:
+        if getattr(exc, "reason", None) == EXACTLY_ONCE_FAILURE and getattr(exc, "metadata", None):
+            return dict(exc.metadata)
+        raise
+    return {}
 
 
 def _batches(ack_ids: Sequence[str]) -> list[Sequence[str]]:

@@ -1,19 +1,18 @@
 """A thread that long-polls Pub/Sub for as many messages as the supervisor has room for.
 
 The supervisor's loop never blocks on an RPC: it asks for N messages with `request(n)` and hears
-back through `results` (a queue) plus a byte on a wake-up pipe it selects on. Failed pulls are
+back through its inbox (a queue plus a wake-up pipe it selects on). Failed pulls are
 retried with capped, jittered backoff, logged once per retry; the thread recovers by itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import queue
 import threading
 from collections.abc import Callable
 
 from .backoff import Backoff
+from .inbox import Inbox
 from .logsetup import get_logger
 
 PULL_TIMEOUT = 30.0  # an empty long-poll returns after about this long (the emulator: minus ~1 s)
@@ -29,20 +28,19 @@ class Puller:
     def __init__(
         self,
         pull: Callable[[int, float], list],
-        wake_fd: int,
+        inbox: Inbox,
         is_transient: Callable[[BaseException], bool],
         backoff: Backoff = Backoff(base=0.2, cap=10.0),
         timeout: float = PULL_TIMEOUT,
     ) -> None:
         self._pull = pull
-        self._wake_fd = wake_fd
+        self._inbox = inbox
         self._is_transient = is_transient
         self._backoff = backoff
         self._timeout = timeout
         self._cond = threading.Condition()
         self._wanted = 0
         self._stopping = False
-        self.results: queue.SimpleQueue[PullResult] = queue.SimpleQueue()
         self.busy = False  # a pull is in flight or about to be (read by the supervisor loop)
         self.failures = 0
         self._thread = threading.Thread(target=self._run, name="consumerd-puller", daemon=True)
@@ -74,8 +72,7 @@ class Puller:
             if received is None:
                 return
             self.busy = False
-            self.results.put(PullResult(asked, received))
-            self._wake()
+            self._inbox.post(PullResult(asked, received))
 
     def _pull_with_retry(self, asked: int) -> list | None:
         attempt = 0
@@ -99,12 +96,6 @@ class Puller:
                 with self._cond:
                     self._cond.wait_for(lambda: self._stopping, timeout=delay)
         return None
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_fd, b"p")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full, so the loop is already awake
 
 
 def _describe(exc: BaseException) -> str:

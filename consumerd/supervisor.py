@@ -18,18 +18,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import delivery
 from .acker import Acker
+from .backlog import Backlog, InFlight
 from .backoff import Backoff
 from .config import Settings
 from .errors import ConfigError, ConsumerdError, ExitCode, PubSubUnavailable
 from .flow import Ewma, prefetch_allowance, pull_size
+from .forwarder import DeadLetter, Forwarded, Forwarder
+from .histogram import Histogram
+from .inbox import Inbox
 from .leases import LeaseSchedule
 from .logsetup import get_logger
 from .message import Message
 from .pool import KILL_GRACE, ForkServerDied, Pool, PoolEvent, WorkerExited, WorkerResult, WorkerStarted
 from .protocol import ForkServerSpec
-from .puller import Puller
-from .pubsub import PubSub, Received, is_transient
+from .puller import PullResult, Puller
+from .pubsub import PubSub, Received, SubscriptionInfo, is_transient
 from .systemd import Notifier
 
 STARTUP_TIMEOUT = 60.0  # seconds to reach Pub/Sub and start the workers before giving up
@@ -40,9 +45,8 @@ MAX_SLEEP = 1.0
 # renewed with 40 % of their deadline (>= 4 s) to spare, so a 0.1 s lateness costs nothing.
 HOUSEKEEPING_INTERVAL = 0.1
 FLUSH_TIMEOUT = 10.0  # seconds to wait for the last acks/nacks at exit
-RETRY_BACKOFF = Backoff(base=1.0, cap=60.0)  # seconds before a failed message comes back
-ATTEMPTS_REMEMBERED = 100_000
-INTERRUPTED = frozenset({"interrupted", "shutdown"})  # outcomes that are the daemon's doing  # local delivery counts kept when Pub/Sub does not count attempts
+ATTEMPTS_REMEMBERED = 100_000  # local delivery counts kept when Pub/Sub does not count attempts
+ADAPTIVE_MIN_SAMPLES = 10  # finished tasks before the lease length follows their durations
 
 
 class State(enum.Enum):
@@ -53,23 +57,12 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
-@dataclasses.dataclass(slots=True)
-class InFlight:
-    """A pulled message the supervisor holds a lease on, until it is acked or nacked."""
-
-    ack_id: str
-    message: Message
-    task: str
-    attempt: int
-    received_at: float
-    worker_pid: int | None = None
-
-
 @dataclasses.dataclass
 class Counters:
     received: int = 0
     succeeded: int = 0
     failed: int = 0
+    dead_lettered: int = 0
     nacked_unstarted: int = 0
 
 
@@ -83,8 +76,12 @@ class Supervisor:
         self.notifier = Notifier()
         self.counters = Counters()
         self.leases = LeaseSchedule(settings.leases.ack_deadline)
-        self.buffer: collections.deque[InFlight] = collections.deque()  # pulled, not yet started
+        self.durations = Histogram(settings.leases.min_ack_deadline, settings.leases.max_ack_deadline)
+        self.retry_policy = delivery.RetryPolicy(settings.retry.min_backoff, settings.retry.max_backoff)
+        self.backlog = Backlog()  # pulled, not yet started; replaced once the subscription is known
         self.jobs: dict[int, InFlight] = {}  # job seq -> message running in a worker
+        self.forwarding: dict[str, InFlight] = {}  # ack id -> message being copied to the dead-letter topic
+        self.inbox = Inbox()
         self.attempts: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.task_names: frozenset[str] = frozenset()
         self.requested = 0  # messages asked of the pull in flight
@@ -98,8 +95,10 @@ class Supervisor:
         self._next_housekeeping = 0.0
         self.pool: Pool
         self.pubsub: PubSub
+        self.subscription: SubscriptionInfo
         self.puller: Puller
         self.acker: Acker
+        self.forwarder: Forwarder | None = None
 
     # == the table of contents =================================================================
     def run(self) -> ExitCode:
@@ -118,7 +117,7 @@ class Supervisor:
         self.wait_for_events()
         now = self.clock()
         self.handle_signals()
-        self.collect_pulls(now)
+        self.collect_inbox(now)
         self.dispatch(now)
         if now >= self._next_housekeeping:
             self.housekeeping(now)
@@ -191,7 +190,10 @@ class Supervisor:
                 self.log.warning("pubsub.unreachable", error=type(exc).__name__, attempt=attempt, retry_in_s=round(delay, 2))
                 if self.wait_or_stop(delay):
                     return
+        self.subscription = info
         self.subscription_deadline = info.ack_deadline
+        self.backlog = Backlog(ordered=info.ordering, max_running_bytes=self.settings.flow.max_inflight_bytes)
+        self.check_dead_letter_topic()
         self.log.info(
             "pubsub.subscribed",
             subscription=info.path,
@@ -200,6 +202,11 @@ class Supervisor:
             exactly_once=info.exactly_once,
             ordering=info.ordering,
         )
+
+    def check_dead_letter_topic(self) -> None:
+        topic = self.settings.dead_letter.topic
+        if topic and not self.pubsub.topic_exists(self.settings.pubsub.topic_path(topic)):
+            raise ConfigError(f"dead_letter.topic: {self.settings.pubsub.topic_path(topic)} does not exist")
 
     def await_workers(self) -> bool:
         """Run the loop until every worker started; False if a stop signal came first."""
@@ -224,14 +231,15 @@ class Supervisor:
         return self.stop_requested()
 
     def start_io_threads(self) -> None:
-        wake_r, wake_w = os.pipe()
-        for fd in (wake_r, wake_w):
-            os.set_blocking(fd, False)
-        self.selector.register(wake_r, selectors.EVENT_READ, lambda: _drain_pipe(wake_r))
-        self.puller = Puller(self.pubsub.pull, wake_w, is_transient)
+        self.selector.register(self.inbox.fd, selectors.EVENT_READ, lambda: None)  # read in collect_inbox
+        self.puller = Puller(self.pubsub.pull, self.inbox, is_transient)
         self.acker = Acker(self.pubsub.ack, self.pubsub.modack, is_transient)
         self.puller.start()
         self.acker.start()
+        if self.settings.dead_letter.topic:
+            topic = self.settings.pubsub.topic_path(self.settings.dead_letter.topic)
+            self.forwarder = Forwarder(lambda data, attrs: self.pubsub.publish(topic, data, attrs), self.inbox, is_transient)
+            self.forwarder.start()
 
     def notify_ready(self) -> None:
         self.state = State.RUNNING
@@ -297,9 +305,11 @@ class Supervisor:
                 self.log.debug("worker.started", worker_pid=worker.pid)
             elif isinstance(event, WorkerResult):
                 inflight = self.jobs.pop(event.job.seq)
+                self.backlog.finished(inflight)
                 self.task_seconds.add(now - event.worker.started_at)
-                outcome = "success" if event.result.ok else "error"
-                self.settle(inflight, outcome, now, duration=event.result.duration, error=event.result.error)
+                self.durations.add(event.result.duration)
+                result = event.result
+                self.settle(inflight, result.outcome, now, result.duration, result.error, result.retry_after)
             elif isinstance(event, WorkerExited):
                 self.on_worker_exited(event, now)
 
@@ -309,10 +319,11 @@ class Supervisor:
         log("worker.exited", worker_pid=event.worker.pid, reason=event.reason, tasks_done=event.worker.tasks_done)
         if event.job is not None and event.job.seq in self.jobs:
             inflight = self.jobs.pop(event.job.seq)
-            outcome = "timeout" if event.reason.startswith("timeout") else "crash"
+            self.backlog.finished(inflight)
+            outcome = delivery.TIMEOUT if event.reason.startswith("timeout") else delivery.CRASH
             if self.state is State.STOPPING and event.worker.kill_reason:
-                outcome = "interrupted"  # we stopped it: not the task's failure
-            self.settle(inflight, outcome, now, duration=now - event.worker.started_at, error=event.reason)
+                outcome = delivery.INTERRUPTED  # we stopped it: not the task's failure
+            self.settle(inflight, outcome, now, now - event.worker.started_at, event.reason)
 
     def handle_signals(self) -> None:
         while self._signals:
@@ -331,24 +342,37 @@ class Supervisor:
     def handle_hup(self) -> None:
         self.log.warning("daemon.reload_unsupported", detail="SIGHUP ignored: restart to apply a new config")
 
-    def collect_pulls(self, now: float) -> None:
-        while not self.puller.results.empty():
-            result = self.puller.results.get_nowait()
-            self.requested -= result.asked
-            for received in result.received:
-                self.admit(received, now)
+    def collect_inbox(self, now: float) -> None:
+        for item in self.inbox.take_all():
+            if isinstance(item, PullResult):
+                self.requested -= item.asked
+                for received in item.received:
+                    self.admit(received, now)
+            elif isinstance(item, Forwarded):
+                self.on_forwarded(item, now)
 
     def admit(self, received: Received, now: float) -> None:
         message = received.message
+        if self.settings.tasks.idempotency_attribute:
+            message = dataclasses.replace(message, key_attribute=self.settings.tasks.idempotency_attribute)
         self.counters.received += 1
         inflight = InFlight(received.ack_id, message, self.route(message), self.count_attempt(message), now)
         self.leases.add(received.ack_id, now, self.subscription_deadline)
+        self.backlog.hold(inflight)
+        max_bytes = self.settings.flow.max_message_bytes
+        max_attempts = self.settings.dead_letter.max_attempts
         if self.state is not State.RUNNING:
             self.give_back(inflight)
         elif inflight.task not in self.task_names:
-            self.settle(inflight, "unknown_task", now, error=self.unknown_task_reason(message))
+            self.settle(inflight, delivery.UNKNOWN_TASK, now, error=self.unknown_task_reason(message))
+        elif max_bytes and inflight.size > max_bytes:
+            self.settle(inflight, delivery.TOO_LARGE, now, error=f"{inflight.size} bytes > flow.max_message_bytes {max_bytes}")
+        elif max_attempts and inflight.attempt > max_attempts:
+            self.settle(inflight, delivery.REJECT, now, error=f"attempt {inflight.attempt} > dead_letter.max_attempts {max_attempts}")
+        elif held_for := self.backlog.key_blocked_for(inflight.key, now):
+            self.give_back(inflight, delay=held_for)  # its key waits for an earlier message's retry
         else:
-            self.buffer.append(inflight)
+            self.backlog.enqueue(inflight)
 
     def route(self, message: Message) -> str:
         return message.attributes.get(self.settings.tasks.route_attribute) or self.settings.tasks.default
@@ -369,9 +393,10 @@ class Supervisor:
         return count
 
     def dispatch(self, now: float) -> None:
+        if self.state is not State.RUNNING or not self.backlog:
+            return
         idle = self.pool.idle_workers()
-        while self.buffer and idle and self.state is State.RUNNING:
-            inflight = self.buffer.popleft()
+        while idle and (inflight := self.backlog.next_ready(now)) is not None:
             worker = idle.pop()
             job = self.pool.assign(worker, inflight.task, inflight.message, now)
             inflight.worker_pid = worker.pid
@@ -386,8 +411,16 @@ class Supervisor:
     def renew_leases(self, now: float) -> None:
         due = self.leases.due(now)
         if due:
-            self.acker.modack(due, self.settings.leases.ack_deadline)
+            self.leases.ack_deadline = self.lease_length()
+            self.acker.modack(due, self.leases.ack_deadline)
             self.leases.renewed(due, now)
+
+    def lease_length(self) -> int:
+        """The configured ack deadline, or (adaptive) the 99th percentile of task durations."""
+        leases = self.settings.leases
+        if leases.adaptive and self.durations.samples >= ADAPTIVE_MIN_SAMPLES:
+            return self.durations.percentile(99)
+        return leases.ack_deadline
 
     def refill(self, now: float) -> None:
         if self.state is not State.RUNNING:
@@ -395,9 +428,12 @@ class Supervisor:
         self.pool.spawn_missing()
         if self.requested:
             return  # one pull at a time; the next is sized when this one's result is in
+        budget = self.settings.flow.max_inflight_bytes
+        if budget and self.backlog.held_bytes >= budget:
+            return  # the byte budget is spent: pull again when messages are done
         concurrency = self.settings.workers.concurrency
         prefetch = prefetch_allowance(concurrency, self.task_seconds.value)
-        n = pull_size(concurrency, len(self.jobs), len(self.buffer), self.requested, prefetch=prefetch)
+        n = pull_size(concurrency, len(self.jobs), len(self.backlog), self.requested, prefetch=prefetch)
         if n:
             self.requested = n
             self.puller.request(n)
@@ -411,42 +447,103 @@ class Supervisor:
     def status_text(self) -> str:
         c = self.counters
         return (
-            f"{self.state.value}: {len(self.jobs)} running, {len(self.buffer)} queued, "
+            f"{self.state.value}: {len(self.jobs)} running, {len(self.backlog)} queued, "
             f"{c.succeeded} succeeded, {c.failed} failed, {len(self.pool.workers)} workers"
         )
 
     # == results ===============================================================================
-    def settle(self, inflight: InFlight, outcome: str, now: float, duration: float = 0.0, error: str = "") -> None:
-        """The one place a message's fate is decided: ack on success only, otherwise give it back."""
-        self.leases.remove(inflight.ack_id)
+    def settle(
+        self,
+        inflight: InFlight,
+        outcome: str,
+        now: float,
+        duration: float = 0.0,
+        error: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        """The one place a message's fate is decided: ack on success only, otherwise give it back
+        after a delay, or forward it to the dead-letter topic (and ack it once that succeeded)."""
+        dead_letter = self.settings.dead_letter
+        decision = delivery.decide(
+            outcome,
+            inflight.attempt,
+            self.retry_policy,
+            dead_letter=bool(self.forwarder),
+            max_attempts=dead_letter.max_attempts,
+            retry_after=retry_after,
+        )
         fields = dict(
             message_id=inflight.message.message_id,
             task=inflight.task,
             attempt=inflight.attempt,
             worker_pid=inflight.worker_pid,
             duration_ms=round(duration * 1000, 3),
-            size=inflight.message.size,
+            size=inflight.size,
             outcome=outcome,
         )
-        if outcome == "success":
+        if decision.action == "ack":
+            self.release(inflight)
             self.acker.ack([inflight.ack_id])
             self.attempts.pop(inflight.message.message_id, None)
             self.counters.succeeded += 1
             self.log.info("message.done", **fields)
-            return
-        # A failed message comes back after a short, growing delay rather than at once, so a failing
-        # task cannot spin through redeliveries: its lease is set to the delay. One we interrupted
-        # ourselves (stopping) comes back at once, for another consumer to take.
-        delay = 0 if outcome in INTERRUPTED else round(RETRY_BACKOFF.delay(inflight.attempt))
-        self.acker.modack([inflight.ack_id], delay)
-        self.counters.failed += 1
-        log = self.log.error if outcome == "unknown_task" else self.log.warning
-        log("message.failed", **fields, error=error)
+        elif decision.action == "dead_letter":
+            self.forward(inflight, outcome, error)
+            self.log.warning("message.rejected", **fields, error=error, action="dead_letter")
+        else:
+            self.retry_later(inflight, decision.delay, now)
+            self.counters.failed += 1
+            log = self.log.error if outcome in delivery.POISON else self.log.warning
+            log("message.failed", **fields, error=error, retry_in_s=decision.delay)
 
-    def give_back(self, inflight: InFlight) -> None:
-        """Nack a message that never started (draining, stopping): no attempt was used up."""
+    def retry_later(self, inflight: InFlight, delay: int, now: float) -> None:
+        """Set the lease to ``delay``: Pub/Sub hands the message out again once it ends. With
+        ordering, later messages of its key are given back with it so they stay behind it."""
+        self.release(inflight)
+        self.acker.modack([inflight.ack_id], delay)
+        for later in self.backlog.hold_key(inflight.key, now + delay):
+            self.give_back(later, delay=delay)
+
+    def forward(self, inflight: InFlight, outcome: str, error: str) -> None:
+        """Publish a copy to the dead-letter topic; the original stays leased until that succeeded."""
+        assert self.forwarder is not None
+        self.forwarding[inflight.ack_id] = inflight
+        message = inflight.message
+        attributes = {
+            **message.attributes,
+            "consumerd_error": (error or outcome)[:1024],
+            "consumerd_outcome": outcome,
+            "consumerd_task": inflight.task,
+            "consumerd_original_message_id": message.message_id,
+            "consumerd_subscription": message.subscription,
+            "consumerd_attempt": str(inflight.attempt),
+        }
+        self.forwarder.forward(DeadLetter(inflight.ack_id, message.data, attributes))
+
+    def on_forwarded(self, result: Forwarded, now: float) -> None:
+        inflight = self.forwarding.pop(result.ack_id, None)
+        if inflight is None:
+            return
+        fields = dict(message_id=inflight.message.message_id, task=inflight.task, attempt=inflight.attempt)
+        if result.ok:
+            self.release(inflight)
+            self.acker.ack([inflight.ack_id])
+            self.counters.dead_lettered += 1
+            self.log.warning("message.dead_lettered", **fields, dead_letter_message_id=result.detail, outcome="dead_lettered")
+        else:
+            delay = delivery.MAX_DELAY
+            self.log.error("message.dead_letter_failed", **fields, error=result.detail, retry_in_s=delay)
+            self.retry_later(inflight, delay, now)
+
+    def release(self, inflight: InFlight) -> None:
+        """The supervisor stops holding the message: no more lease renewals, its bytes freed."""
         self.leases.remove(inflight.ack_id)
-        self.acker.modack([inflight.ack_id], 0)
+        self.backlog.released(inflight)
+
+    def give_back(self, inflight: InFlight, delay: float = 0) -> None:
+        """Nack a message that never started (draining, a held ordering key): no attempt used up."""
+        self.release(inflight)
+        self.acker.modack([inflight.ack_id], int(delay))
         self.counters.nacked_unstarted += 1
 
     # == stopping ==============================================================================
@@ -454,15 +551,14 @@ class Supervisor:
         now = self.clock()
         self.state = State.DRAINING
         self.puller.stop()
-        for inflight in self.buffer:
+        unstarted = self.backlog.take_all()
+        for inflight in unstarted:
             self.give_back(inflight)
-        unstarted = len(self.buffer)
-        self.buffer.clear()
         drain = self.settings.shutdown.drain_timeout
         self.drain_deadline = now + drain
         self.notifier.stopping(self.status_text())
         self.notifier.extend_timeout(drain + KILL_GRACE + FLUSH_TIMEOUT)
-        self.log.info("drain.started", running=len(self.jobs), given_back=unstarted, drain_timeout=drain)
+        self.log.info("drain.started", running=len(self.jobs), given_back=len(unstarted), drain_timeout=drain)
 
     def stop_running_tasks(self, reason: str, grace: float) -> None:
         now = self.clock()
@@ -474,7 +570,7 @@ class Supervisor:
                 self.pool.kill(worker, reason, now, grace=grace)
 
     def advance_shutdown(self, now: float) -> None:
-        if self.state is State.DRAINING and not self.jobs:
+        if self.state is State.DRAINING and not self.jobs and not self.forwarding:
             self.state = State.STOPPED
         elif self.state is State.DRAINING and self.drain_deadline is not None and now >= self.drain_deadline:
             self.log.warning("drain.timeout", running=len(self.jobs))
@@ -486,23 +582,24 @@ class Supervisor:
         """A fatal error in the loop: stop quickly, give every message back, exit non-zero."""
         self.log.error("daemon.fatal", error=reason)
         self.exit_code = ExitCode.SOFTWARE
-        if self.state in (State.RUNNING, State.STARTING):
-            for inflight in self.buffer:
+        if self.state in (State.RUNNING, State.STARTING) and hasattr(self, "acker"):
+            for inflight in self.backlog.take_all():
                 self.give_back(inflight)
-            self.buffer.clear()
         self.stop_running_tasks(reason, QUICK_STOP_GRACE)
 
     def shutdown(self) -> None:
         """Give back what is left, flush acks, close channels and workers. Safe after a partial start."""
         now = self.clock()
-        for inflight in self.jobs.values():
-            self.settle(inflight, "shutdown", now, error="daemon stopped before the task ended")
-        for inflight in self.buffer:
-            self.give_back(inflight)
-        self.buffer.clear()
-        self.jobs.clear()
         if hasattr(self, "acker"):
+            for inflight in self.jobs.values():
+                self.settle(inflight, delivery.SHUTDOWN, now, error="daemon stopped before the task ended")
+            for inflight in [*self.backlog.take_all(), *self.forwarding.values()]:
+                self.give_back(inflight)
+            self.jobs.clear()
+            self.forwarding.clear()
             self.puller.stop()
+            if self.forwarder:
+                self.forwarder.stop()
             if not self.acker.flush(FLUSH_TIMEOUT):
                 self.log.error("pubsub.flush_timeout", detail="some acks/nacks were not sent; those messages will be redelivered")
             self.acker.stop()

@@ -12,7 +12,9 @@ import signal
 import socket
 import time
 
+from . import delivery
 from .channel import FrameReader, encode, recv_frame
+from .errors import Reject, Retry
 from .logsetup import get_logger
 from .protocol import Job, Result
 from .registry import Registry
@@ -48,10 +50,14 @@ def serve(sock: socket.socket, registry: Registry, max_tasks: int) -> int:
 def run_job(job: Job, registry: Registry, log: object) -> Result:
     spec = registry.get(job.task)
     if spec is None:  # the supervisor checks names first; this is a second line of defence
-        return Result(job.seq, ok=False, duration=0.0, error=f"unknown task {job.task!r}")
+        return Result(job.seq, delivery.UNKNOWN_TASK, 0.0, f"unknown task {job.task!r}")
     started = time.monotonic()
     try:
         spec.func(job.message)
+    except Retry as exc:
+        return Result(job.seq, delivery.RETRY, time.monotonic() - started, str(exc), retry_after=exc.after)
+    except Reject as exc:
+        return Result(job.seq, delivery.REJECT, time.monotonic() - started, f"{type(exc).__name__}: {exc}")
     except BaseException as exc:  # noqa: BLE001 - the worker's boundary: any raise is a task failure
         duration = time.monotonic() - started
         log.warning(  # type: ignore[attr-defined]
@@ -61,5 +67,5 @@ def run_job(job: Job, registry: Registry, log: object) -> Result:
             duration_ms=round(duration * 1000, 3),
             exc_info=exc,
         )
-        return Result(job.seq, ok=False, duration=duration, error=f"{type(exc).__name__}: {exc}")
-    return Result(job.seq, ok=True, duration=time.monotonic() - started)
+        return Result(job.seq, delivery.ERROR, duration, f"{type(exc).__name__}: {exc}")
+    return Result(job.seq, delivery.SUCCESS, time.monotonic() - started)

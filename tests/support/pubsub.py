@@ -26,6 +26,7 @@ class Broker:
         self.host = host
         self.adapter = PubSub(PubSubSettings(project=PROJECT, emulator_host=host))
         self.publisher = self.adapter.batch_publisher()
+        self.ordered_publisher = self.adapter.batch_publisher(ordered=True)
 
     def create(self, ack_deadline: int = 10, **subscription: Any) -> tuple[str, str]:
         n = next(_names)
@@ -36,10 +37,28 @@ class Broker:
         self.adapter.subscriber.create_subscription(request=request)
         return topic, sub
 
-    def publish(self, topic: str, count: int = 1, data: bytes | dict = b"", **attributes: str) -> list[str]:
+    def publish(
+        self, topic: str, count: int = 1, data: bytes | dict = b"", ordering_key: str = "", **attributes: str
+    ) -> list[str]:
         payload = json.dumps(data).encode() if isinstance(data, dict) else data
-        futures = [self.publisher.publish(topic, payload, **attributes) for _ in range(count)]
+        publisher = self.ordered_publisher if ordering_key else self.publisher
+        extra = {"ordering_key": ordering_key} if ordering_key else {}
+        futures = [publisher.publish(topic, payload, **extra, **attributes) for _ in range(count)]
         return [f.result(timeout=30) for f in futures]
+
+    def pull_messages(self, subscription: str, timeout: float, ack: bool = True) -> list:
+        """Pull what is there within ``timeout`` (acking it) and return the messages."""
+        try:
+            response = self.adapter.subscriber.pull(
+                request={"subscription": subscription, "max_messages": 100}, timeout=timeout, retry=None
+            )
+        except gexc.DeadlineExceeded:
+            return []
+        if ack and response.received_messages:
+            self.adapter.subscriber.acknowledge(
+                request={"subscription": subscription, "ack_ids": [m.ack_id for m in response.received_messages]}
+            )
+        return [m.message for m in response.received_messages]
 
     def pull_ids(self, subscription: str, timeout: float) -> list[str]:
         """Message ids a fresh pull gets within ``timeout`` (the emulator long-polls); nacked back at once."""
@@ -69,6 +88,7 @@ class Broker:
 
     def close(self) -> None:
         self.publisher.stop()
+        self.ordered_publisher.stop()
         self.adapter.close()
 
 
@@ -99,3 +119,4 @@ def toml(data: dict[str, dict[str, Any]]) -> str:
 
 def unique(ids: Iterable[str]) -> set[str]:
     return set(ids)
+

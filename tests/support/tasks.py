@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from consumerd import Message, task
+from consumerd import Message, Reject, Retry, task
 
 
 def _ledger() -> Path:
@@ -79,3 +79,34 @@ def hang_once(msg: Message) -> None:
     if _first_run(msg):
         time.sleep(3600)
     record("done", msg)
+
+
+@task("reject")
+def reject(msg: Message) -> None:
+    record("start", msg)
+    raise Reject("this message can never succeed")
+
+
+@task("parse")
+def parse(msg: Message) -> None:
+    record("start", msg)
+    msg.json()  # a payload that is not JSON raises PayloadError: a reject
+    record("done", msg)
+
+
+@task("retry_after")
+def retry_after(msg: Message) -> None:
+    if _first_run(msg):
+        raise Retry(after=float(msg.json()["after"]))
+    record("done", msg)
+
+
+@task("always_crash")
+def always_crash(msg: Message) -> None:
+    record("start", msg)
+    os._exit(3)
+
+
+@task("key")
+def key(msg: Message) -> None:
+    record(f"key={msg.idempotency_key}", msg)

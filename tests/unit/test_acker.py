@@ -74,7 +74,7 @@ def test_transient_failures_are_retried_until_success():
     acker.ack(["a"])
     assert acker.flush(5)
     assert rpc.calls == [("ack", ("a",))] * 3
-    assert acker.stats == {"acked": 1, "nacked": 0, "extended": 0, "dropped": 0, "rpc_failures": 2}
+    assert acker.stats == {"acked": 1, "nacked": 0, "extended": 0, "dropped": 0, "rpc_failures": 2, "ack_id_failures": 0}
 
 
 def test_permanent_failures_are_dropped_and_counted():
@@ -101,3 +101,19 @@ def test_flush_with_nothing_queued_returns_at_once():
     acker = make(FakeRpc())
     assert acker.flush(5)
     acker.stop()
+
+
+def test_exactly_once_failures_are_handled_per_ack_id():
+    calls = []
+    answers = [{"bad": "PERMANENT_FAILURE_INVALID_ACK_ID", "later": "TRANSIENT_FAILURE_UNORDERED_ACK_ID"}, {}]
+
+    def ack(ids):
+        calls.append(sorted(ids))
+        return answers.pop(0)
+
+    acker = Acker(ack, lambda ids, s: {}, lambda e: False, backoff=Backoff(base=0.001, cap=0.002))
+    acker.start()
+    acker.ack(["good", "bad", "later"])
+    assert acker.flush(5)
+    assert calls == [["bad", "good", "later"], ["later"]]  # only the transient one is sent again
+    assert acker.stats["acked"] == 2 and acker.stats["dropped"] == 1 and acker.stats["ack_id_failures"] == 2

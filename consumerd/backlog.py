@@ -1,0 +1,118 @@
+"""Pure bookkeeping of the messages the supervisor holds: which may start next, and their bytes.
+
+A message waits here from the pull until a worker takes it. The next to start is the oldest that
+is eligible: with ordering, its ordering key has nothing running and is not held back after a
+failure; with a byte budget, it fits beside what is running (a single message always may run,
+however large, so nothing is stuck). No I/O and no clock: `now` is passed in.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from .message import Message
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class InFlight:
+    """A pulled message the supervisor holds a lease on, until it is acked or given back."""
+
+    ack_id: str
+    message: Message
+    task: str
+    attempt: int
+    received_at: float
+    worker_pid: int | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.message.data)
+
+    @property
+    def key(self) -> str:
+        return self.message.ordering_key
+
+
+class Backlog:
+    def __init__(self, ordered: bool = False, max_running_bytes: int = 0) -> None:
+        self.ordered = ordered
+        self.max_running_bytes = max_running_bytes  # 0 = no byte budget
+        self.waiting: collections.deque[InFlight] = collections.deque()
+        self.running_keys: set[str] = set()
+        self.blocked_until: dict[str, float] = {}
+        self.running_bytes = 0
+        self.held_bytes = 0  # waiting + running (+ being dead-lettered, until released)
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def hold(self, inflight: InFlight) -> None:
+        """The supervisor now holds this message (its bytes count until `released`)."""
+        self.held_bytes += inflight.size
+
+    def enqueue(self, inflight: InFlight) -> None:
+        """A held message waits for a worker."""
+        self.waiting.append(inflight)
+
+    def next_ready(self, now: float) -> InFlight | None:
+        """Remove and return the oldest message that may start now, or None."""
+        for index, inflight in enumerate(self.waiting):
+            if not self._fits(inflight):
+                return None  # keep arrival order: nothing overtakes a big message waiting for room
+            if self._key_free(inflight.key, now):
+                del self.waiting[index]
+                self.running_bytes += inflight.size
+                if self.ordered and inflight.key:
+                    self.running_keys.add(inflight.key)
+                return inflight
+        return None
+
+    def _fits(self, inflight: InFlight) -> bool:
+        if not self.max_running_bytes or not self.running_bytes:
+            return True
+        return self.running_bytes + inflight.size <= self.max_running_bytes
+
+    def _key_free(self, key: str, now: float) -> bool:
+        if not (self.ordered and key):
+            return True
+        if key in self.running_keys:
+            return False
+        until = self.blocked_until.get(key)
+        if until is not None and now < until:
+            return False
+        self.blocked_until.pop(key, None)
+        return True
+
+    def finished(self, inflight: InFlight) -> None:
+        """A started message is done running (whatever its fate)."""
+        self.running_bytes -= inflight.size
+        self.running_keys.discard(inflight.key)
+
+    def released(self, inflight: InFlight) -> None:
+        """The supervisor no longer holds the message (acked, given back, forwarded)."""
+        self.held_bytes -= inflight.size
+
+    def hold_key(self, key: str, until: float) -> list[InFlight]:
+        """After a failure on ``key``: nothing of that key starts before ``until``.
+
+        Returns the waiting messages of the key, removed: the caller gives them back with the
+        same delay, so Pub/Sub hands the key's messages out again in order after the retry.
+        """
+        if not (self.ordered and key):
+            return []
+        self.blocked_until[key] = until
+        taken = [m for m in self.waiting if m.key == key]
+        self.waiting = collections.deque(m for m in self.waiting if m.key != key)
+        return taken
+
+    def key_blocked_for(self, key: str, now: float) -> float:
+        """Seconds ``key`` is still held back (0 if not)."""
+        if not (self.ordered and key):
+            return 0.0
+        return max(0.0, self.blocked_until.get(key, now) - now)
+
+    def take_all(self) -> list[InFlight]:
+        taken = list(self.waiting)
+        self.waiting.clear()
+        return taken
