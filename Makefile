@@ -7,12 +7,15 @@ STAMP := $(VENV)/.installed
 EMULATOR_PACKAGES := google-cloud-cli-pubsub-emulator openjdk-17-jre-headless
 PYTEST_ARGS ?=
 
-.PHONY: help venv emulator run test unit integration clean
+BENCH_STAMP := $(VENV)/.installed-bench
+
+.PHONY: help venv emulator run test unit integration bench bench-quick clean
 
 help:
 	@echo "make run    - start a local Pub/Sub emulator and the daemon with demo tasks (Ctrl-C stops)"
 	@echo "make test   - unit and integration tests against the real emulator"
 	@echo "make unit   - only the fast unit tests"
+	@echo "make bench  - consumerd against the alternatives (~20 min); make bench-quick (< 3 min)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +43,16 @@ unit: venv
 
 integration: venv emulator
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP) emulator
+	$(PY) -m bench
+
+bench-quick: $(BENCH_STAMP) emulator
+	$(PY) -m bench --quick --out bench/results/quick.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -37,7 +37,7 @@ class Acker:
         backoff: Backoff = Backoff(base=0.1, cap=5.0),
         give_up_after: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
-        linger: float = 0.005,
+        linger: float = 0.02,
         max_batch: int = 1000,
     ) -> None:
         self._linger = linger  # seconds to wait for more requests before sending: fewer, fuller RPCs

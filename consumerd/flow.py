@@ -9,9 +9,13 @@ def pull_size(
     """How many messages to ask for now: free slots not already covered by a pull in flight.
 
     ``prefetch`` allows that many messages to wait in the supervisor beyond the free workers, so a
-    worker that frees never waits for a pull round trip; 0 holds only what can start at once.
+    worker that frees never waits for a pull round trip; 0 holds only what can start at once. While
+    messages are still queued, a pull waits until half the room is free: fewer, fuller pulls.
     """
-    free = concurrency + prefetch - busy - buffered - requested
+    target = concurrency + prefetch
+    free = target - busy - buffered - requested
+    if buffered and free < min(max_per_pull, target) // 2:
+        return 0  # workers still have messages queued here: wait to fill a fuller pull (fewer RPCs)
     return max(0, min(free, max_per_pull))
 
 

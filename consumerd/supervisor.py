@@ -114,7 +114,6 @@ class Supervisor:
         return self.exit_code
 
     def tick(self) -> None:
-        self.wait_for_events()
         now = self.clock()
         self.handle_signals()
         self.collect_inbox(now)
@@ -123,6 +122,7 @@ class Supervisor:
             self.housekeeping(now)
         self.refill(now)
         self.advance_shutdown(now)
+        self.wait_for_events()
 
     def housekeeping(self, now: float) -> None:
         """The periodic checks, at most every HOUSEKEEPING_INTERVAL, not on every event."""

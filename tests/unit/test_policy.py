@@ -23,7 +23,9 @@ def test_backoff_full_jitter_spans_zero_to_ceiling():
     [
         (4, 0, 0, 0, 0, 4),  # idle: one long-poll for every slot
         (4, 4, 0, 0, 0, 0),  # full: pull nothing
-        (4, 1, 1, 1, 0, 1),
+        (4, 1, 0, 1, 0, 2),
+        (4, 1, 1, 1, 0, 0),  # one still queued and only 1 of 4 free: wait for a fuller pull
+        (4, 0, 1, 0, 0, 3),  # half the room free: pull
         (4, 4, 0, 0, 2, 2),  # prefetch lets a couple wait ahead of the workers
         (500, 0, 0, 0, 0, 100),  # one pull returns at most 100
         (2, 3, 0, 0, 0, 0),  # never negative (shrinking pool)

@@ -1,0 +1,1 @@
+"""`make bench`: consumerd against the alternatives, on the same emulator and the same messages."""

@@ -1,0 +1,305 @@
+"""Runs one contender on one workload against the shared emulator, and measures it from outside."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.tasks import WORKLOADS
+from consumerd.config import PubSubSettings
+from consumerd.pubsub import PubSub
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT = "bench"
+RUN_LIMIT = 300.0  # seconds a single run may take before it is abandoned (reported as such)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    contender: str  # ceiling | subscribe | blog | consumerd
+    workload: str
+    n: int
+    concurrency: int = 0  # consumerd only
+    max_tasks_per_child: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.contender != "consumerd":
+            return self.contender
+        return f"consumerd c={self.concurrency} mtpc={self.max_tasks_per_child}"
+
+
+class Runner:
+    def __init__(self, emulator_host: str) -> None:
+        self.host = emulator_host
+        self.adapter = PubSub(PubSubSettings(project=PROJECT, emulator_host=emulator_host))
+        self.publisher = self.adapter.batch_publisher()
+        self._serial = 0
+
+    # -- one run -------------------------------------------------------------------------------
+    def measure(self, run: Run) -> dict[str, Any]:
+        topic, sub = self._fresh_subscription()
+        try:
+            self._publish_backlog(topic, run)
+            out = Path(tempfile.mktemp(prefix="bench-", suffix=".txt"))
+            if run.contender == "consumerd":
+                ready_ts, usage = self._run_consumerd(sub, run, out)
+            else:
+                ready_ts, usage = self._run_contender(sub, run, out)
+            return {"contender": run.label, "workload": run.workload, "n": run.n, **_from_ledger(out, run.n, ready_ts), **usage}
+        finally:
+            self._delete(topic, sub)
+
+    def _fresh_subscription(self, ack_deadline: int = 60) -> tuple[str, str]:
+        self._serial += 1
+        topic = f"projects/{PROJECT}/topics/bench-{self._serial}"
+        sub = f"projects/{PROJECT}/subscriptions/bench-{self._serial}"
+        self.adapter.ensure_topic(topic)
+        self.adapter.ensure_subscription(topic, sub, ack_deadline)
+        return topic, sub
+
+    def _publish_backlog(self, topic: str, run: Run) -> None:
+        kinds = WORKLOADS[run.workload][0]
+        futures = [self.publisher.publish(topic, b"x" * 100, kind=kinds[i % len(kinds)]) for i in range(run.n)]
+        for future in futures:
+            future.result(timeout=60)
+
+    def _delete(self, topic: str, sub: str) -> None:
+        # The emulator keeps acked messages until their topic and subscription are deleted.
+        self.adapter.subscriber.delete_subscription(request={"subscription": sub})
+        self.adapter.publisher.delete_topic(request={"topic": topic})
+
+    def _env(self, out: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUMERD_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+        env.update(PUBSUB_EMULATOR_HOST=self.host, GOOGLE_CLOUD_PROJECT=PROJECT, BENCH_OUT=str(out), PYTHONPATH=str(REPO))
+        return env
+
+    def _run_contender(self, sub: str, run: Run, out: Path) -> tuple[float, dict[str, Any]]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.contenders", run.contender, sub, str(run.n)],
+            capture_output=True, text=True, env=self._env(out), cwd=REPO, timeout=RUN_LIMIT,
+        )
+        lines = proc.stdout.splitlines()
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"{run.label} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        ready_ts = float(next(line.split()[1] for line in lines if line.startswith("ready ")))
+        usage = json.loads(lines[-1])
+        rpcs = usage.pop("rpcs", {})
+        usage["consumer_cpu_s_per_1k"] = round(usage.pop("consumer_cpu_s") * 1000 / run.n, 3)
+        usage["rpcs_per_1k"] = {k: round(v * 1000 / run.n, 1) for k, v in rpcs.items() if isinstance(v, int)} or None
+        return ready_ts, usage
+
+    # -- consumerd -------------------------------------------------------------------------------
+    def _run_consumerd(self, sub: str, run: Run, out: Path) -> tuple[float, dict[str, Any]]:
+        daemon = Daemon(self._config(sub, run.concurrency, run.max_tasks_per_child), self._env(out))
+        try:
+            ready_ts = daemon.wait_ready()
+            cpu_at_ready = daemon.cpu_seconds()  # start-up (imports, connecting) is not per message
+            _wait_for_lines(out, run.n, daemon)
+            usage = daemon.usage()
+            usage["consumer_cpu_s"] -= cpu_at_ready
+        finally:
+            stopped = daemon.stop()
+        rpcs = stopped.get("rpcs", {}) if stopped else {}
+        usage["consumer_cpu_s_per_1k"] = round(usage.pop("consumer_cpu_s") * 1000 / run.n, 3)
+        usage["rpcs_per_1k"] = {k: round(v * 1000 / run.n, 1) for k, v in rpcs.items()}
+        return ready_ts, usage
+
+    def _config(self, sub: str, concurrency: int, mtpc: int, ack_deadline: int = 60) -> Path:
+        path = Path(tempfile.mktemp(prefix="bench-", suffix=".toml"))
+        path.write_text(
+            f'[pubsub]\nsubscription = "{sub}"\n'
+            f"[workers]\nconcurrency = {concurrency}\nmax_tasks_per_child = {mtpc}\n"
+            f"[leases]\nack_deadline = {ack_deadline}\n"
+            '[tasks]\nmodules = ["bench.tasks"]\ndefault = "bench"\n[logging]\nformat = "json"\n'
+        )
+        return path
+
+    def scaling(self, concurrencies: list[int], quick: bool) -> list[dict[str, Any]]:
+        """Throughput of 100 ms sleep tasks as concurrency grows: the curve in the chart."""
+        points = []
+        for c in concurrencies:
+            n = max(20, (10 if quick else 20) * c)
+            record = self.measure(Run("consumerd", "io100", n, c, 0))
+            points.append({"concurrency": c, "throughput": record["throughput"], "ideal": c / 0.1})
+            print(f"  scaling c={c}: {record['throughput']:.1f} msg/s (ideal {c / 0.1:.0f})", flush=True)
+        return points
+
+    def idle_to_busy(self, cores: int) -> dict[str, Any]:
+        """An idle daemon's CPU, then how soon single messages published to it start."""
+        topic, sub = self._fresh_subscription()
+        out = Path(tempfile.mktemp(prefix="bench-", suffix=".txt"))
+        daemon = Daemon(self._config(sub, cores, 0), self._env(out))
+        try:
+            daemon.wait_ready()
+            time.sleep(2.0)
+            cpu_before, idle_start = daemon.cpu_seconds(), time.monotonic()
+            time.sleep(10.0)
+            idle_cpu = (daemon.cpu_seconds() - cpu_before) / (time.monotonic() - idle_start) * 100
+            for i in range(20):
+                self.publisher.publish(topic, b"x", kind="noop").result(timeout=30)
+                _wait_for_lines(out, i + 1, daemon)
+                time.sleep(0.25)
+        finally:
+            daemon.stop()
+            self._delete(topic, sub)
+        latencies = sorted((end - pub) * 1000 for _, pub, end in _read(out))
+        result = {
+            "start_latency_ms_p50": round(statistics.median(latencies), 1),
+            "start_latency_ms_p99": round(latencies[-1], 1),
+            "idle_cpu_percent": round(idle_cpu, 3),
+        }
+        print(f"  idle to busy: {result}", flush=True)
+        return result
+
+    def lease_renewals(self) -> dict[str, Any]:
+        """64 tasks of 15 s on a 10 s ack deadline: modack RPCs against renewal ticks."""
+        topic, sub = self._fresh_subscription(ack_deadline=10)
+        out = Path(tempfile.mktemp(prefix="bench-", suffix=".txt"))
+        for future in [self.publisher.publish(topic, b"x", kind="sleep15000") for _ in range(64)]:
+            future.result(timeout=30)
+        daemon = Daemon(self._config(sub, 64, 0, ack_deadline=10), self._env(out))
+        try:
+            daemon.wait_ready()
+            _wait_for_lines(out, 64, daemon)
+        finally:
+            stopped = daemon.stop()
+            self._delete(topic, sub)
+        ends = [end for _, _, end in _read(out)]
+        modacks = (stopped or {}).get("rpcs", {}).get("modack", 0)
+        # Renewals fall due every 0.6 x 10 s while tasks run: one tick at ~6 s and one at ~12 s.
+        ticks = int((max(ends) - min(ends) + 15) // 6)
+        result = {"messages": 64, "task_seconds": 15, "ack_deadline": 10, "modack_rpcs": modacks, "renewal_ticks": ticks}
+        print(f"  lease renewals: {result}", flush=True)
+        return result
+
+
+class Daemon:
+    """The real `consumerd run`, its JSON events read on a thread."""
+
+    def __init__(self, config: Path, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "consumerd", "run", "--config", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO,
+        )
+        self.events: dict[str, dict] = {}
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout
+        for line in self.proc.stdout:
+            if '"daemon.ready"' in line or '"daemon.stopped"' in line:
+                event = json.loads(line)
+                self.events[event["event"]] = event
+                if event["event"] == "daemon.ready":
+                    self._ready.set()
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        if not self._ready.wait(timeout):
+            raise RuntimeError("consumerd did not become ready")
+        return _epoch(self.events["daemon.ready"]["timestamp"])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "consumer_cpu_s": self.cpu_seconds(),
+            "consumer_rss_mb": _hwm_mb(self.proc.pid),
+            "worker_rss_mb": max((_hwm_mb(pid) for pid in _grandchildren(self.proc.pid)), default=None),
+        }
+
+    def stop(self) -> dict | None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        time.sleep(0.05)
+        return self.events.get("daemon.stopped")
+
+
+def _from_ledger(out: Path, n: int, ready_ts: float) -> dict[str, Any]:
+    rows = _read(out)
+    ids = [mid for mid, _, _ in rows]
+    first_end = {}
+    for mid, pub, end in rows:
+        first_end.setdefault(mid, (pub, end))
+    latencies = sorted((end - pub) * 1000 for pub, end in first_end.values())
+    last = max(end for _, end in first_end.values())
+    return {
+        "throughput": round(len(first_end) / max(last - ready_ts, 1e-6), 2),
+        "seconds": round(last - ready_ts, 3),
+        "latency_ms": {"p50": round(_pct(latencies, 50), 1), "p99": round(_pct(latencies, 99), 1)},
+        "duplicates": len(ids) - len(first_end),
+    }
+
+
+def _read(out: Path) -> list[tuple[str, float, float]]:
+    rows = []
+    for line in out.read_text().splitlines():
+        mid, pub, end, _pid = line.split()
+        rows.append((mid, float(pub), float(end)))
+    return rows
+
+
+def _wait_for_lines(out: Path, n: int, daemon: Daemon) -> None:
+    deadline = time.monotonic() + RUN_LIMIT
+    while time.monotonic() < deadline:
+        if out.exists() and len({line.split(" ", 1)[0] for line in out.read_text().splitlines()}) >= n:
+            return
+        if not daemon.alive():
+            raise RuntimeError("consumerd exited during the run")
+        time.sleep(0.02)
+    raise RuntimeError(f"consumerd did not finish {n} messages in {RUN_LIMIT:.0f}s")
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return 0.0
+    return values[min(len(values) - 1, int(len(values) * p / 100))]
+
+
+def _epoch(iso: str) -> float:
+    return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _hwm_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def _grandchildren(pid: int) -> list[int]:
+    """The workers: children of the daemon's fork server (a child of the daemon)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    return [w for child in parents.get(pid, []) for w in parents.get(child, [])]

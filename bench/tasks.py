@@ -1,0 +1,61 @@
+"""The workloads, shared by every contender so they all run exactly the same code per message.
+
+Each message carries `kind` (what to do) and each run appends `message_id publish_ts end_ts pid` to
+the file named by BENCH_OUT, from which the harness computes throughput and latency for everyone
+alike. CPU work is a fixed number of loop iterations calibrated once per run (BENCH_ITERS_PER_MS),
+so a task that shares a core takes longer instead of quietly doing less.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from consumerd import Message, task
+
+WORKLOADS = {
+    # name: (list of kinds cycled over the messages, description)
+    "noop": (["noop"], "no-op"),
+    "cpu20": (["cpu20"], "CPU-bound, 20 ms of pure Python"),
+    "tail": (["cpu10"] * 9 + ["sleep1000"], "heavy tail: 90 % 10 ms CPU, 10 % 1 s sleep"),
+    "io100": (["sleep100"], "I/O-bound, 100 ms sleep"),
+}
+
+
+def burn(ms: float) -> int:
+    acc = 0
+    for i in range(int(ms * float(os.environ.get("BENCH_ITERS_PER_MS", "20000")))):
+        acc = (acc + i * i) % 1_000_003
+    return acc
+
+
+def calibrate() -> float:
+    """Loop iterations per millisecond of CPU on this machine, now."""
+    os.environ["BENCH_ITERS_PER_MS"] = "20000"
+    start = time.process_time()
+    burn(100)
+    return 20000 * 100 / ((time.process_time() - start) * 1000)
+
+
+def work(kind: str) -> None:
+    if kind == "noop":
+        return
+    if kind.startswith("cpu"):
+        burn(float(kind[3:]))
+    elif kind.startswith("sleep"):
+        time.sleep(float(kind[5:]) / 1000)
+
+
+def record(message_id: str, publish_ts: float) -> None:
+    line = f"{message_id} {publish_ts:.6f} {time.time():.6f} {os.getpid()}\n".encode()
+    fd = os.open(os.environ["BENCH_OUT"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+@task("bench")
+def bench(msg: Message) -> None:
+    work(msg.attributes["kind"])
+    record(msg.message_id, msg.publish_time.timestamp() if msg.publish_time else 0.0)
