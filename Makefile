@@ -9,12 +9,13 @@ PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: help venv emulator run test unit integration bench bench-quick clean
+.PHONY: help venv emulator systemd-sandbox wheel install-system run test unit integration system bench bench-quick clean
 
 help:
 	@echo "make run    - start a local Pub/Sub emulator and the daemon with demo tasks (Ctrl-C stops)"
 	@echo "make test   - unit and integration tests against the real emulator"
 	@echo "make unit   - only the fast unit tests"
+	@echo "make wheel / make install-system - build a wheel / install as a systemd service (deploy/install.sh)"
 	@echo "make bench  - consumerd against the alternatives (~20 min); make bench-quick (< 3 min)"
 
 $(STAMP): pyproject.toml
@@ -32,10 +33,24 @@ emulator:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(EMULATOR_PACKAGES); \
 	fi
 
+# systemd-nspawn boots the real systemd the tests in tests/system run the unit under.
+systemd-sandbox:
+	@if ! command -v systemd-nspawn >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing systemd-container..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd-container; \
+	fi
+
+wheel: venv
+	$(PY) -m pip wheel --quiet --no-deps -w dist .
+	@ls dist/*.whl
+
+install-system:
+	bash deploy/install.sh
+
 run: venv emulator
 	$(PY) -m consumerd.devrun --config config/dev.toml
 
-test: venv emulator
+test: venv emulator systemd-sandbox
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 unit: venv
@@ -43,6 +58,9 @@ unit: venv
 
 integration: venv emulator
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration
+
+system: venv emulator systemd-sandbox
+	$(PY) -m pytest -q -p no:cacheprovider tests/system
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'

@@ -84,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> ExitCode:
     from .supervisor import Supervisor  # imports grpc: only for the commands that talk to Pub/Sub
 
     try:
-        return Supervisor(settings).run()
+        return Supervisor(settings, path).run()
     except ConfigError as exc:
         log.error("daemon.config_error", error=str(exc))
         raise

@@ -297,3 +297,26 @@ def _describe(exc: pydantic.ValidationError, file_source: str) -> str:
 
 def _cause(exc: BaseException) -> str:
     return f" ({exc.__cause__})" if exc.__cause__ else ""
+
+
+# What SIGHUP cannot change in a running daemon: the subscription and clients, what the fork server
+# preloaded, and the log renderer. Changing them needs a restart.
+FIXED_ON_RELOAD = ("pubsub", "tasks", "workers.max_tasks_per_child", "logging.format")
+
+
+def reload_plan(old: Settings, new: Settings) -> tuple[Settings, list[str], list[str]]:
+    """Settings to run with after a reload, the keys applied, and the keys refused (kept as they were)."""
+    old_data, new_data = old.model_dump(), new.model_dump()
+    applied, refused = [], []
+    merged = {section: dict(values) for section, values in old_data.items()}
+    for section, values in new_data.items():
+        for key, value in values.items():
+            if old_data[section][key] == value:
+                continue
+            name = f"{section}.{key}"
+            if section in FIXED_ON_RELOAD or name in FIXED_ON_RELOAD:
+                refused.append(name)
+            else:
+                merged[section][key] = value
+                applied.append(name)
+    return Settings.model_validate(merged), applied, refused

@@ -13,11 +13,16 @@ from typing import Literal, TextIO
 
 import structlog
 
+from .journal import JournalHandler, JournalLogger, JournalSender, stdout_is_journal
+
 LogFormat = Literal["auto", "json", "console"]
 
 
 def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout
+    if fmt == "auto" and stream is sys.stdout and stdout_is_journal():
+        _configure_journal(level)
+        return
     use_console = fmt == "console" or (fmt == "auto" and _is_tty(stream))
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer(colors=use_console and _is_tty(stream))
@@ -45,6 +50,33 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: Text
     _route_stdlib_logging(shared, renderer, numeric_level, stream)
 
 
+def _configure_journal(level: str) -> None:
+    """Under systemd with stdout on the journal: native entries with fields, not text lines."""
+    sender = JournalSender()
+    numeric_level = logging.getLevelName(level.upper())
+    structlog.configure(
+        processors=[
+            _add_pid,
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.format_exc_info,
+        ],  # the last processor returns the event dict: JournalLogger.msg(**event) sends it
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=lambda *args: JournalLogger(sender),
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [JournalHandler(sender)]
+    _set_levels(root, numeric_level)
+
+
+def _set_levels(root: logging.Logger, level: int) -> None:
+    root.setLevel(level)
+    # google and grpc are chatty at debug; keep them at warning unless we debug ourselves.
+    for noisy in ("google", "grpc", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING) if level > logging.DEBUG else level)
+
+
 def _route_stdlib_logging(
     shared: list[structlog.types.Processor],
     renderer: structlog.types.Processor,
@@ -60,10 +92,7 @@ def _route_stdlib_logging(
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    # google and grpc are chatty at debug; keep them at warning unless we debug ourselves.
-    root.setLevel(level)
-    for noisy in ("google", "grpc", "urllib3"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING) if level > logging.DEBUG else level)
+    _set_levels(root, level)
 
 
 def _add_pid(_logger: object, _name: str, event: structlog.types.EventDict) -> structlog.types.EventDict:

@@ -176,6 +176,19 @@ class Pool:
             self._pending_spawns += 1
         return max(0, missing)
 
+    def retire_surplus(self) -> int:
+        """After the pool shrank: close idle workers beyond ``size`` (busy ones, once they finish)."""
+        live = [w for w in self.workers.values() if w.live]
+        surplus = len(live) + self._pending_spawns - self.size
+        retired = 0
+        for worker in live:
+            if retired >= surplus:
+                break
+            if worker.idle:
+                self.retire(worker)
+                retired += 1
+        return retired
+
     def idle_workers(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.idle]
 

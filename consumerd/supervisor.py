@@ -16,20 +16,21 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from . import delivery
 from .acker import Acker
 from .backlog import Backlog, InFlight
 from .backoff import Backoff
-from .config import Settings
+from .config import Settings, load_settings, reload_plan
 from .errors import ConfigError, ConsumerdError, ExitCode, PubSubUnavailable
 from .flow import Ewma, prefetch_allowance, pull_size
 from .forwarder import DeadLetter, Forwarded, Forwarder
 from .histogram import Histogram
 from .inbox import Inbox
 from .leases import LeaseSchedule
-from .logsetup import get_logger
+from .logsetup import configure_logging, get_logger
 from .message import Message
 from .pool import KILL_GRACE, ForkServerDied, Pool, PoolEvent, WorkerExited, WorkerResult, WorkerStarted
 from .protocol import ForkServerSpec
@@ -67,8 +68,12 @@ class Counters:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, settings: Settings, config_path: Path | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.settings = settings
+        self.config_path = config_path  # re-read on SIGHUP
+        self.concurrency = settings.workers.concurrency  # SIGHUP, SIGTTIN and SIGTTOU change it
         self.clock = clock
         self.state = State.STARTING
         self.log = get_logger("consumerd")
@@ -139,7 +144,7 @@ class Supervisor:
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(wake_w)
         self.selector.register(wake_r, selectors.EVENT_READ, lambda: _drain_pipe(wake_r))
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(signum, self._record_signal)
 
     def _record_signal(self, signum: int, _frame: object) -> None:
@@ -211,7 +216,7 @@ class Supervisor:
     def await_workers(self) -> bool:
         """Run the loop until every worker started; False if a stop signal came first."""
         give_up_at = self.clock() + STARTUP_TIMEOUT
-        while len(self.pool.idle_workers()) < self.settings.workers.concurrency:
+        while len(self.pool.idle_workers()) < self.concurrency:
             if self.stop_requested() or self.exit_code is not ExitCode.OK:
                 return False
             if self.clock() >= give_up_at:
@@ -247,7 +252,7 @@ class Supervisor:
         self.log.info(
             "daemon.ready",
             subscription=self.pubsub.subscription,
-            concurrency=self.settings.workers.concurrency,
+            concurrency=self.concurrency,
             systemd=self.notifier.enabled,
             watchdog_s=self.notifier.watchdog_interval,
         )
@@ -310,6 +315,7 @@ class Supervisor:
                 self.durations.add(event.result.duration)
                 result = event.result
                 self.settle(inflight, result.outcome, now, result.duration, result.error, result.retry_after)
+                self.pool.retire_surplus()
             elif isinstance(event, WorkerExited):
                 self.on_worker_exited(event, now)
 
@@ -340,7 +346,46 @@ class Supervisor:
     handle_int = handle_term
 
     def handle_hup(self) -> None:
-        self.log.warning("daemon.reload_unsupported", detail="SIGHUP ignored: restart to apply a new config")
+        """Reload: re-read the config, apply what can change at run time, refuse the rest."""
+        if self.state is not State.RUNNING or self.config_path is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = load_settings(self.config_path)
+            new.require_subscription(str(self.config_path))
+        except ConfigError as exc:
+            self.log.error("reload.rejected", error=str(exc), detail="still running with the previous config")
+        else:
+            merged, applied, refused = reload_plan(self.settings, new)
+            for key in refused:
+                self.log.warning("reload.refused", key=key, detail="cannot change while running: restart to apply")
+            self.apply_settings(merged)
+            self.log.info("reload.done", applied=applied, refused=refused, concurrency=self.concurrency)
+        self.notifier.ready(self.status_text())
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Run with ``settings`` from now on; running tasks keep going under their old timeout start."""
+        self.settings = settings
+        self.resize(settings.workers.concurrency)
+        self.retry_policy = delivery.RetryPolicy(settings.retry.min_backoff, settings.retry.max_backoff)
+        self.leases.ack_deadline = settings.leases.ack_deadline
+        self.durations.minimum = settings.leases.min_ack_deadline
+        self.durations.maximum = settings.leases.max_ack_deadline
+        self.backlog.max_running_bytes = settings.flow.max_inflight_bytes
+        configure_logging(settings.logging.format, settings.logging.level)
+
+    def handle_ttin(self) -> None:
+        self.resize(self.concurrency + 1)
+        self.log.info("workers.resized", concurrency=self.concurrency, signal="SIGTTIN")
+
+    def handle_ttou(self) -> None:
+        self.resize(max(1, self.concurrency - 1))
+        self.log.info("workers.resized", concurrency=self.concurrency, signal="SIGTTOU")
+
+    def resize(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self.pool.size = concurrency
+        self.pool.retire_surplus()  # idle ones now; busy ones when they finish (on_pool_events)
 
     def collect_inbox(self, now: float) -> None:
         for item in self.inbox.take_all():
@@ -431,9 +476,8 @@ class Supervisor:
         budget = self.settings.flow.max_inflight_bytes
         if budget and self.backlog.held_bytes >= budget:
             return  # the byte budget is spent: pull again when messages are done
-        concurrency = self.settings.workers.concurrency
-        prefetch = prefetch_allowance(concurrency, self.task_seconds.value)
-        n = pull_size(concurrency, len(self.jobs), len(self.backlog), self.requested, prefetch=prefetch)
+        prefetch = prefetch_allowance(self.concurrency, self.task_seconds.value)
+        n = pull_size(self.concurrency, len(self.jobs), len(self.backlog), self.requested, prefetch=prefetch)
         if n:
             self.requested = n
             self.puller.request(n)

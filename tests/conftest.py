@@ -1,7 +1,74 @@
+"""Fixtures shared by the integration and system tests: the real Pub/Sub emulator and helpers."""
+
+from __future__ import annotations
+
+import shutil
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 # Make `tests.support` importable from the daemon's workers as well (they get PYTHONPATH).
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from consumerd.emulator import Emulator, EmulatorError, sdk_root  # noqa: E402
+from tests.support.daemon import NotifySocket  # noqa: E402
+from tests.support.pubsub import Broker, Ledger  # noqa: E402
+
+
+def _emulator_available() -> str:
+    try:
+        root = sdk_root()
+    except (EmulatorError, OSError) as exc:
+        return str(exc)
+    if not (root / "platform" / "pubsub-emulator").is_dir():
+        return f"no pubsub emulator under {root} (apt-get install google-cloud-cli-pubsub-emulator)"
+    if not shutil.which("java"):
+        return "java not found (the emulator needs Java 17)"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[Emulator]:
+    missing = _emulator_available()
+    if missing:
+        pytest.fail(f"the Pub/Sub emulator is required for integration tests: {missing}")
+    with Emulator() as emu:
+        yield emu
+
+
+@pytest.fixture(scope="session")
+def broker(emulator: Emulator) -> Iterator[Broker]:
+    b = Broker(emulator.host)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Ledger:
+    return Ledger(tmp_path)
+
+
+@pytest.fixture
+def topic_sub(broker: Broker) -> Iterator[Callable[..., tuple[str, str]]]:
+    made: list[tuple[str, str]] = []
+
+    def create(**kwargs: Any) -> tuple[str, str]:
+        pair = broker.create(**kwargs)
+        made.append(pair)
+        return pair
+
+    yield create
+    for topic, sub in made:
+        broker.delete(topic, sub)
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[NotifySocket]:
+    sock = NotifySocket()
+    yield sock
+    sock.close()

@@ -2,49 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from consumerd.emulator import Emulator, EmulatorError, sdk_root
-from tests.support.daemon import Daemon, NotifySocket, daemon_env
-from tests.support.pubsub import Broker, Ledger, toml
-
-
-def _emulator_available() -> str:
-    try:
-        root = sdk_root()
-    except (EmulatorError, OSError) as exc:
-        return str(exc)
-    if not (root / "platform" / "pubsub-emulator").is_dir():
-        return f"no pubsub emulator under {root} (apt-get install google-cloud-cli-pubsub-emulator)"
-    if not shutil.which("java"):
-        return "java not found (the emulator needs Java 17)"
-    return ""
-
-
-@pytest.fixture(scope="session")
-def emulator() -> Iterator[Emulator]:
-    missing = _emulator_available()
-    if missing:
-        pytest.fail(f"the Pub/Sub emulator is required for integration tests: {missing}")
-    with Emulator() as emu:
-        yield emu
-
-
-@pytest.fixture(scope="session")
-def broker(emulator: Emulator) -> Iterator[Broker]:
-    b = Broker(emulator.host)
-    yield b
-    b.close()
-
-
-@pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    return Ledger(tmp_path)
+from consumerd.emulator import Emulator
+from tests.support.daemon import Daemon, daemon_env
+from tests.support.pubsub import toml
 
 
 @pytest.fixture
@@ -72,24 +38,3 @@ def make_daemon(emulator: Emulator, tmp_path: Path) -> Iterator[Callable[..., Da
     yield make
     for daemon in started:
         daemon.stop()
-
-
-@pytest.fixture
-def topic_sub(broker: Broker) -> Iterator[Callable[..., tuple[str, str]]]:
-    made: list[tuple[str, str]] = []
-
-    def create(**kwargs: Any) -> tuple[str, str]:
-        pair = broker.create(**kwargs)
-        made.append(pair)
-        return pair
-
-    yield create
-    for topic, sub in made:
-        broker.delete(topic, sub)
-
-
-@pytest.fixture
-def notify_socket() -> Iterator[NotifySocket]:
-    sock = NotifySocket()
-    yield sock
-    sock.close()

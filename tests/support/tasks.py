@@ -110,3 +110,17 @@ def always_crash(msg: Message) -> None:
 @task("key")
 def key(msg: Message) -> None:
     record(f"key={msg.idempotency_key}", msg)
+
+
+@task("write_probe")
+def write_probe(msg: Message) -> None:
+    """Tries to write in several places; records which worked (the hardened unit allows only state)."""
+    for path in ("/etc/consumerd-probe", "/opt/src/probe", "/usr/local/probe", os.environ["TEST_LEDGER_DIR"] + "/probe"):
+        try:
+            with open(path, "w") as handle:
+                handle.write("x")
+            record(f"writable:{path}", msg)
+        except OSError:
+            record(f"denied:{path}", msg)
+    record(f"uid:{os.getuid()}", msg)
+    record("done", msg)

@@ -1,0 +1,156 @@
+"""consumerd under a real systemd (PID 1 of a container), installed by deploy/install.sh."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import REPO
+
+pytestmark = pytest.mark.system
+UNITS = ("consumerd.service", "consumerd@.service")
+
+
+def _wait_ids(guest, ids, event="done", timeout=60):
+    deadline = time.monotonic() + timeout
+    while not set(ids) <= set(guest.ledger_ids(event)):
+        assert time.monotonic() < deadline, f"not all {event}: {guest.ledger()}\n{guest.journal_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_unit_files_verify_and_score_ok_offline(unit, tmp_path):
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze not found")
+    # verify needs ExecStart's binary to exist: point the copy at this checkout's venv.
+    text = (REPO / "systemd" / unit).read_text().replace("/opt/consumerd", sys.prefix)
+    copy = tmp_path / unit
+    copy.write_text(text)
+    verify = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=15", str(copy)], capture_output=True, text=True
+    )
+    score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout).group(1))
+    assert security.returncode == 0 and score <= 1.5, security.stdout[-2000:]
+
+
+def test_start_returns_after_ready_with_live_counters(guest, service, broker):
+    topic, _ = service()
+    guest.sh("systemctl start consumerd")  # Type=notify: returns once READY=1 arrived
+    state = guest.show()
+    assert (state["ActiveState"], state["SubState"]) == ("active", "running")
+    assert state["StatusText"].startswith("running:") and "0 succeeded" in state["StatusText"]
+    ids = broker.publish(topic, 3, task="ok")
+    _wait_ids(guest, ids)
+    guest.wait_until(lambda s: "3 succeeded" in s["StatusText"], timeout=10, what="live counters in STATUS")
+    assert guest.sh("systemd-analyze verify /etc/systemd/system/consumerd.service /etc/systemd/system/consumerd@.service").returncode == 0
+
+
+def test_journal_holds_native_fields(guest, service, broker):
+    topic, _ = service()
+    guest.sh("systemctl start consumerd")
+    ids = broker.publish(topic, 2, task="ok")
+    [bad] = broker.publish(topic, task="no_such_task")
+    _wait_ids(guest, ids)
+    deadline = time.monotonic() + 20
+    while len(entries := [e for e in guest.journal("CONSUMERD_TASK=ok", "CONSUMERD_EVENT=message.done")
+                          if e.get("CONSUMERD_MESSAGE_ID") in ids]) < 2:
+        assert time.monotonic() < deadline, guest.journal_text()[-2000:]
+        time.sleep(0.2)
+    entry = entries[0]
+    assert entry["SYSLOG_IDENTIFIER"] == "consumerd" and entry["PRIORITY"] == "6"
+    assert entry["CONSUMERD_OUTCOME"] == "success" and entry["CONSUMERD_MESSAGE_ID"] in ids
+    assert entry["_TRANSPORT"] == "journal" and re.fullmatch(r"[0-9a-f]{32}", entry["MESSAGE_ID"])
+    assert {e["MESSAGE_ID"] for e in entries} == {entry["MESSAGE_ID"]}, "one MESSAGE_ID per event type"
+    errors = guest.journal("-p", "err")
+    assert any(e.get("CONSUMERD_MESSAGE_ID") == bad and e.get("CONSUMERD_OUTCOME") == "unknown_task" for e in errors)
+
+
+def test_frozen_loop_is_killed_by_the_watchdog_and_nothing_is_lost(guest, service, broker):
+    topic, _ = service()
+    guest.sh("mkdir -p /etc/systemd/system/consumerd.service.d && printf '[Service]\\nWatchdogSec=3\\n' "
+             "> /etc/systemd/system/consumerd.service.d/watchdog.conf && systemctl daemon-reload")
+    guest.sh("systemctl start consumerd")
+    ids = broker.publish(topic, 4, data={"seconds": 1}, task="sleep")
+    deadline = time.monotonic() + 30
+    while not guest.ledger_ids("start"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    main_pid = guest.show()["MainPID"]
+    guest.sh(f"kill -STOP {main_pid}")
+    guest.wait_until(lambda s: int(s["NRestarts"]) >= 1, timeout=30, what="a watchdog restart")
+    assert "watchdog" in guest.journal_text().lower()
+    _wait_ids(guest, ids, timeout=90)  # leases of the killed daemon end; the new one runs them
+
+
+def test_stop_drains_running_tasks(guest, service, broker):
+    topic, sub = service()
+    guest.sh("systemctl start consumerd")
+    ids = broker.publish(topic, 2, data={"seconds": 4}, task="sleep")
+    deadline = time.monotonic() + 30
+    while len(guest.ledger_ids("start")) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    stopper = threading.Thread(target=guest.sh, args=("systemctl stop consumerd",))
+    stopper.start()
+    guest.wait_until(lambda s: s["ActiveState"] == "deactivating", timeout=10, what="deactivating")
+    stopper.join(60)
+    state = guest.show()
+    assert (state["ActiveState"], state["Result"]) == ("inactive", "success")
+    assert sorted(guest.ledger_ids("done")) == sorted(ids)
+    assert broker.pull_ids(sub, timeout=12) == []
+
+
+def test_broken_config_fails_fast_without_a_restart_loop(guest, service):
+    service(workers={"concurrency": 0})
+    result = guest.sh("systemctl start consumerd", check=False)
+    assert result.returncode != 0
+    state = guest.wait_until(lambda s: s["ActiveState"] == "failed", timeout=20, what="failed")
+    time.sleep(3)  # longer than RestartSec: a restart would have happened by now
+    assert guest.show()["NRestarts"] == "0" and state["ExecMainStatus"] == "78"
+    text = guest.journal_text()
+    assert "workers.concurrency: Input should be greater than or equal to 1" in text
+
+
+def test_reload_applies_a_new_concurrency_without_losing_a_task(guest, service, broker):
+    topic, _ = service()
+    guest.sh("systemctl start consumerd")
+    running = broker.publish(topic, 2, data={"seconds": 3}, task="sleep")
+    deadline = time.monotonic() + 30
+    while len(guest.ledger_ids("start")) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    config = guest.sh("cat /etc/consumerd.toml").stdout.replace("concurrency = 2", "concurrency = 4")
+    guest.write("/etc/consumerd.toml", config)
+    guest.sh("systemctl reload consumerd")
+    deadline = time.monotonic() + 20
+    while not [e for e in guest.journal("CONSUMERD_EVENT=reload.done") if e.get("CONSUMERD_CONCURRENCY") == "4"]:
+        assert time.monotonic() < deadline, guest.journal_text()[-2000:]
+        time.sleep(0.2)
+    more = broker.publish(topic, 4, data={"seconds": 1}, task="sleep")
+    _wait_ids(guest, running + more)
+    guest.wait_until(lambda s: "4 workers" in s["StatusText"], timeout=10, what="4 workers")
+    assert guest.show()["ActiveState"] == "active"
+
+
+def test_hardened_unit_runs_unprivileged_and_writes_only_its_state(guest, service, broker):
+    topic, _ = service()
+    guest.sh("systemctl start consumerd")
+    [mid] = broker.publish(topic, task="write_probe")
+    _wait_ids(guest, [mid])
+    events = [parts[0] for parts in guest.ledger()]
+    uid = next(e.split(":")[1] for e in events if e.startswith("uid:"))
+    assert uid != "0"
+    assert "writable:/var/lib/consumerd/probe" in events
+    for path in ("/etc/consumerd-probe", "/opt/src/probe", "/usr/local/probe"):
+        assert f"denied:{path}" in events
+    main_uid = guest.sh(f"awk '/^Uid:/ {{print $2}}' /proc/{guest.show()['MainPID']}/status").stdout.strip()
+    assert main_uid != "0"
