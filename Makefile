@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: help venv emulator systemd-sandbox wheel install-system run test unit integration system bench bench-quick clean
+.PHONY: help venv emulator systemd-sandbox wheel install-system run test unit integration system chaos bench bench-quick clean
 
 help:
 	@echo "make run    - start a local Pub/Sub emulator and the daemon with demo tasks (Ctrl-C stops)"
@@ -17,6 +17,7 @@ help:
 	@echo "make unit   - only the fast unit tests"
 	@echo "make wheel / make install-system - build a wheel / install as a systemd service (deploy/install.sh)"
 	@echo "make bench  - consumerd against the alternatives (~20 min); make bench-quick (< 3 min)"
+	@echo "make chaos  - the 20,000-message fault soak; prints the no-message-lost table"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +66,9 @@ system: venv emulator systemd-sandbox
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	touch $@
+
+chaos: venv emulator
+	$(PY) -m chaos --messages 20000 --out chaos/latest.json
 
 bench: $(BENCH_STAMP) emulator
 	$(PY) -m bench

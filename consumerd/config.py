@@ -35,6 +35,7 @@ class PubSubSettings(_Section):
     subscription: str = ""
     emulator_host: str = ""
     credentials_file: str = ""
+    startup_timeout: float = Field(60.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _fill_from_standard_env(self) -> PubSubSettings:

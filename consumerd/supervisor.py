@@ -38,7 +38,7 @@ from .puller import PullResult, Puller
 from .pubsub import PubSub, Received, SubscriptionInfo, is_transient
 from .systemd import Notifier
 
-STARTUP_TIMEOUT = 60.0  # seconds to reach Pub/Sub and start the workers before giving up
+STARTUP_TIMEOUT = 60.0  # seconds to start the workers before giving up
 QUICK_STOP_GRACE = 1.0  # SIGTERM -> SIGKILL grace for running tasks on a second stop signal
 STATUS_INTERVAL = 2.0
 MAX_SLEEP = 1.0
@@ -176,7 +176,7 @@ class Supervisor:
     def connect_pubsub(self) -> None:
         """Check the subscription exists; retry while Pub/Sub is unreachable, up to STARTUP_TIMEOUT."""
         self.pubsub = PubSub(self.settings.pubsub)
-        give_up_at = self.clock() + STARTUP_TIMEOUT
+        give_up_at = self.clock() + self.settings.pubsub.startup_timeout
         backoff = Backoff(base=0.5, cap=5.0)
         attempt = 0
         while True:
@@ -188,8 +188,10 @@ class Supervisor:
             except Exception as exc:  # noqa: BLE001 - retried, then reported as unavailable
                 attempt += 1
                 if not is_transient(exc) or self.clock() >= give_up_at:
+                    first_line = str(exc).splitlines()[0] if str(exc) else ""
                     raise PubSubUnavailable(
-                        f"Pub/Sub unreachable for {self.pubsub.subscription}: {type(exc).__name__}: {exc}"
+                        f"Pub/Sub unreachable for {self.pubsub.subscription} after {attempt} attempts "
+                        f"(pubsub.startup_timeout): {type(exc).__name__}: {first_line}"[:500]
                     ) from None
                 delay = backoff.delay(attempt)
                 self.log.warning("pubsub.unreachable", error=type(exc).__name__, attempt=attempt, retry_in_s=round(delay, 2))
@@ -654,7 +656,13 @@ class Supervisor:
         self.state = State.STOPPED
         self.notifier.status("stopped")
         rpcs = self.pubsub.rpcs.counts if hasattr(self, "pubsub") else {}
-        self.log.info("daemon.stopped", **dataclasses.asdict(self.counters), rpcs=rpcs, exit_code=int(self.exit_code))
+        self.log.info(
+            "daemon.stopped",
+            **dataclasses.asdict(self.counters),
+            rpcs=rpcs,
+            notify_dropped=self.notifier.dropped,
+            exit_code=int(self.exit_code),
+        )
 
 
 def _drain_pipe(fd: int) -> None:

@@ -42,9 +42,39 @@ def serve(sock: socket.socket, registry: Registry, max_tasks: int) -> int:
         if not isinstance(job, Job):
             log.error("worker.bad_job", received=type(job).__name__)
             return 2
-        sock.sendall(encode(run_job(job, registry, log)))
+        result = run_job(job, registry, log)
+        sweep_children(log, job)  # before the result: the supervisor may close us right after it
+        sock.sendall(encode(result))
         done += 1
     return 0
+
+
+def sweep_children(log: object, job: Job) -> None:
+    """Kill what the task left running and reap it: children must not outlive their task.
+
+    Direct children are listed by /proc (no scan of every process); a double-forked grandchild is
+    reparented to the fork server, a subreaper, and dies with this worker's process group.
+    """
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as handle:
+            children = [int(pid) for pid in handle.read().split()]
+    except OSError:
+        children = []
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # SIGKILL is prompt: reap it now, no zombie left
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    if children:
+        log.warning("task.left_children", message_id=job.message.message_id, task=job.task, killed=len(children))  # type: ignore[attr-defined]
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def run_job(job: Job, registry: Registry, log: object) -> Result:

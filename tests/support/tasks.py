@@ -124,3 +124,60 @@ def write_probe(msg: Message) -> None:
             record(f"denied:{path}", msg)
     record(f"uid:{os.getuid()}", msg)
     record("done", msg)
+
+
+@task("garbage_once")
+def garbage_once(msg: Message) -> None:
+    """Writes garbage on the worker's result channel (found among the live sockets), first run only."""
+    if _first_run(msg):
+        import gc
+        import socket
+
+        for obj in gc.get_objects():
+            if isinstance(obj, socket.socket) and obj.family == socket.AF_UNIX and obj.fileno() >= 0:
+                obj.sendall(b"\xff\xff\xff\xffnot a frame")
+        time.sleep(30)
+    record("done", msg)
+
+
+@task("ignore_term_once")
+def ignore_term_once(msg: Message) -> None:
+    if _first_run(msg):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(3600)
+    record("done", msg)
+
+
+@task("close_stdio")
+def close_stdio(msg: Message) -> None:
+    record("start", msg)
+    for fd in (1, 2):
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # closed by an earlier run in this worker already
+    record("done", msg)
+
+
+@task("leave_child")
+def leave_child(msg: Message) -> None:
+    record("start", msg)
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(3600)
+        os._exit(0)
+    record(f"child={pid}", msg)
+    record("done", msg)
+
+
+@task("memory_bomb_once")
+def memory_bomb_once(msg: Message) -> None:
+    """Allocates until the allocator gives up (address space capped so the test host is safe)."""
+    if _first_run(msg):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, resource.RLIM_INFINITY))
+        hoard = []
+        while True:
+            hoard.append(bytearray(64 * 1024 * 1024))
+    record("done", msg)

@@ -1,0 +1,389 @@
+"""The chaos soak: `python -m chaos [--messages N]` (`make chaos`: 20,000; `make test`: 1,000).
+
+Against the real emulator: publish N messages whose tasks misbehave at random (see chaos/tasks.py),
+run the real daemon, and meanwhile SIGTERM and restart it twice, SIGKILL it once (its orphaned
+workers must die with it), freeze the emulator past the ack deadline, and run a second daemon on
+the same subscription for a while. Then compare the ledger the tasks wrote with what was
+published and print the table. Exit 1 if anything was lost or an invariant broke.
+
+A second scenario stops and restarts the emulator under the daemon (the emulator keeps nothing, so
+this one checks survival and recovery, not the ledger).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from chaos.tasks import FATES
+from consumerd.config import PubSubSettings
+from consumerd.emulator import Emulator
+from consumerd.pubsub import PubSub
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT = "chaos"
+ACK_DEADLINE = 10
+
+
+class Daemon:
+    """One `consumerd run`, its JSON log kept for the worker-death census."""
+
+    def __init__(self, config: Path, env: dict[str, str], log: Path) -> None:
+        self.log_path = log
+        handle = log.open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "consumerd", "run", "--config", str(config)],
+            stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        )
+        self.peak_rss_mb = 0.0
+
+    def sample_rss(self) -> None:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024)
+        except OSError:
+            pass
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if '"daemon.ready"' in self.log_path.read_text(errors="replace").split("daemon.starting")[-1]:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}")
+            time.sleep(0.1)
+        raise RuntimeError("daemon not ready")
+
+    def workers(self) -> list[int]:
+        return _grandchildren(self.proc.pid)
+
+    def terminate(self, timeout: float = 120) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Soak:
+    def __init__(self, messages: int, seed: int, workdir: Path) -> None:
+        self.n = messages
+        self.rng = random.Random(seed)
+        self.dir = workdir
+        self.ledger = workdir / "ledger.txt"
+        self.log = workdir / "daemon.log"
+        self.events: list[tuple[float, str]] = []  # (time, what) for the duplicate causes
+        self.restarts = 0
+        self.orphans_left = 0
+        self.peak_rss_mb = 0.0
+
+    def run(self) -> dict:
+        with Emulator(java_heap="2g") as emulator:
+            self.emulator = emulator
+            self.adapter = PubSub(PubSubSettings(project=PROJECT, emulator_host=emulator.host))
+            topic, sub, dl_topic, dl_sub = self.setup()
+            fates = self.publish(topic)
+            config = self.write_config(sub, dl_topic)
+            self.drive(config)
+            dead_lettered = self.read_dead_letters(dl_sub)
+            result = self.tally(fates, dead_lettered)
+            result["emulator_restart"] = self.emulator_restart_scenario(config, topic, sub)
+        return result
+
+    # -- set-up --------------------------------------------------------------------------------
+    def setup(self) -> tuple[str, str, str, str]:
+        names = [f"projects/{PROJECT}/topics/{t}" for t in ("jobs", "jobs-dead")]
+        subs = [f"projects/{PROJECT}/subscriptions/{s}" for s in ("jobs", "jobs-dead")]
+        for topic, sub in zip(names, subs):
+            self.adapter.ensure_topic(topic)
+            self.adapter.ensure_subscription(topic, sub, ACK_DEADLINE)
+        return names[0], subs[0], names[1], subs[1]
+
+    def publish(self, topic: str) -> dict[str, str]:
+        publisher = self.adapter.batch_publisher()
+        names, weights = zip(*FATES.items())
+        chosen = self.rng.choices(names, weights, k=self.n)
+        futures = [(fate, publisher.publish(topic, f"payload {i}".encode(), fate=fate)) for i, fate in enumerate(chosen)]
+        fates = {future.result(timeout=60): fate for fate, future in futures}
+        publisher.stop()
+        return fates
+
+    def write_config(self, sub: str, dl_topic: str) -> Path:
+        config = self.dir / "consumerd.toml"
+        config.write_text(
+            f'[pubsub]\nsubscription = "{sub}"\n'
+            "[workers]\nconcurrency = 8\ntask_timeout = 5\n"
+            f"[leases]\nack_deadline = {ACK_DEADLINE}\n"
+            "[retry]\nmin_backoff = 0.5\nmax_backoff = 2\n"
+            f'[dead_letter]\ntopic = "{dl_topic}"\nmax_attempts = 20\n'
+            "[shutdown]\ndrain_timeout = 15\n"
+            '[tasks]\nmodules = ["chaos.tasks"]\ndefault = "chaos"\n[logging]\nformat = "json"\n'
+        )
+        return config
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUMERD_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+        env.update(
+            PUBSUB_EMULATOR_HOST=self.emulator.host, GOOGLE_CLOUD_PROJECT=PROJECT, PYTHONPATH=str(REPO),
+            CHAOS_LEDGER=str(self.ledger), CHAOS_SLOW_SECONDS=str(ACK_DEADLINE + 2),
+        )
+        return env
+
+    # -- the faults ----------------------------------------------------------------------------
+    def drive(self, config: Path) -> None:
+        daemon = self.start(config)
+        plan = [
+            (0.15, "sigterm"),
+            (0.30, "sigkill"),
+            (0.45, "freeze"),
+            (0.60, "sigterm"),
+            (0.75, "second_daemon"),
+        ]
+        for fraction, fault in plan:
+            self.wait_progress(fraction, daemon)
+            daemon = getattr(self, f"fault_{fault}")(daemon, config)
+        self.wait_progress(1.0, daemon, everything=True)
+        self.note("final stop")
+        code = daemon.terminate()
+        self.peak_rss_mb = max(self.peak_rss_mb, daemon.peak_rss_mb)
+        if code != 0:
+            raise RuntimeError(f"final SIGTERM: exit {code}")
+
+    def start(self, config: Path) -> Daemon:
+        daemon = Daemon(config, self.env(), self.log)
+        daemon.wait_ready()
+        self.note("daemon started")
+        return daemon
+
+    def note(self, what: str) -> None:
+        self.events.append((time.time(), what))
+        print(f"  [{time.strftime('%H:%M:%S')}] {what}: {self.settled()} of {self.n} settled", flush=True)
+
+    def fault_sigterm(self, daemon: Daemon, config: Path) -> Daemon:
+        self.note("SIGTERM")
+        code = daemon.terminate()
+        self.peak_rss_mb = max(self.peak_rss_mb, daemon.peak_rss_mb)
+        if code != 0:
+            raise RuntimeError(f"SIGTERM drain ended with exit {code}")
+        self.restarts += 1
+        return self.start(config)
+
+    def fault_sigkill(self, daemon: Daemon, config: Path) -> Daemon:
+        workers = daemon.workers()
+        self.note(f"SIGKILL supervisor ({len(workers)} workers)")
+        daemon.kill()
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.orphans_left = sum(_alive(pid) for pid in workers)
+        self.restarts += 1
+        return self.start(config)
+
+    def fault_freeze(self, daemon: Daemon, config: Path) -> Daemon:
+        self.note("emulator frozen (SIGSTOP)")
+        self.emulator.signal(signal.SIGSTOP)
+        time.sleep(ACK_DEADLINE + 3)  # the fault: longer than the ack deadline
+        self.emulator.signal(signal.SIGCONT)
+        self.note("emulator resumed")
+        return daemon
+
+    def fault_second_daemon(self, daemon: Daemon, config: Path) -> Daemon:
+        self.note("second daemon on the same subscription")
+        second = self.start(config)
+        time.sleep(10)
+        second.terminate()
+        self.note("second daemon stopped")
+        return daemon
+
+    # -- progress and results ----------------------------------------------------------------
+    def lines(self) -> list[list[str]]:
+        try:
+            return [line.split() for line in self.ledger.read_text().splitlines()]
+        except FileNotFoundError:
+            return []
+
+    def settled(self) -> int:
+        return len({parts[0] for parts in self.lines() if parts[3] in ("success", "reject")})
+
+    def wait_progress(self, fraction: float, daemon: Daemon, everything: bool = False, timeout: float = 900) -> None:
+        target = self.n if everything else int(self.n * fraction)
+        deadline = time.monotonic() + timeout
+        while self.settled() < target:
+            daemon.sample_rss()
+            if daemon.proc.poll() is not None:
+                raise RuntimeError(f"daemon died unexpectedly with {daemon.proc.returncode}")
+            if time.monotonic() > deadline:
+                print(f"  timed out at {self.settled()} of {target}", flush=True)
+                return
+            time.sleep(0.2)
+
+    def read_dead_letters(self, dl_sub: str) -> set[str]:
+        found: set[str] = set()
+        while batch := _pull(self.adapter, dl_sub):
+            found |= batch
+        return found
+
+    def tally(self, fates: dict[str, str], dead_lettered: set[str]) -> dict:
+        lines = self.lines()
+        successes = Counter(parts[0] for parts in lines if parts[3] == "success")
+        rejected = {mid for mid, fate in fates.items() if fate == "reject"}
+        lost = sorted(mid for mid in fates if mid not in rejected and successes[mid] == 0)
+        duplicates = {mid: n for mid, n in successes.items() if n > 1}
+        deaths = Counter()
+        for line in self.log.read_text(errors="replace").splitlines():
+            if '"worker.exited"' in line:
+                event = json.loads(line)
+                reason = event.get("reason", "")
+                if event.get("level") == "warning":
+                    deaths[_death_cause(reason)] += 1
+        return {
+            "published": len(fates),
+            "succeeded": len(successes),
+            "lost": len(lost),
+            "lost_ids": lost[:20],
+            "duplicates": len(duplicates),
+            "duplicate_causes": self.duplicate_causes(duplicates, fates),
+            "rejected_by_tasks": len(rejected),
+            "dead_lettered": len(dead_lettered),
+            "dead_letter_matches_rejects": dead_lettered == rejected,
+            "worker_deaths": dict(deaths),
+            "daemon_restarts": self.restarts,
+            "orphaned_workers_left_after_sigkill": self.orphans_left,
+            "peak_supervisor_rss_mb": round(self.peak_rss_mb, 1),
+            "fates": dict(Counter(fates.values())),
+        }
+
+    def duplicate_causes(self, duplicates: dict[str, int], fates: dict[str, str]) -> dict[str, int]:
+        causes: Counter[str] = Counter()
+        for mid in duplicates:
+            fate = fates[mid]
+            causes["slow task (lease)" if fate == "slow" else "crash/kill/freeze between success and ack"] += 1
+        return dict(causes)
+
+    def emulator_restart_scenario(self, config: Path, topic: str, sub: str) -> dict:
+        """Stop and restart the emulator under a running daemon: it must survive and resume."""
+        daemon = self.start(config)
+        self.emulator.stop()
+        self.note("emulator stopped")
+        time.sleep(3)
+        self.emulator.start()
+        self.adapter = PubSub(PubSubSettings(project=PROJECT, emulator_host=self.emulator.host))
+        self.adapter.ensure_topic(topic)
+        self.adapter.ensure_subscription(topic, sub, ACK_DEADLINE)
+        mark = len(self.lines())  # the new emulator numbers message ids from 1 again
+        publisher = self.adapter.batch_publisher()
+        ids = {f.result(timeout=60) for f in [publisher.publish(topic, b"after restart", fate="ok") for _ in range(50)]}
+        publisher.stop()
+        deadline = time.monotonic() + 120
+        resumed: set[str] = set()
+        while len(resumed) < len(ids) and time.monotonic() < deadline:
+            resumed = {p[0] for p in self.lines()[mark:] if p[3] == "success" and p[0] in ids}
+            time.sleep(0.2)
+        survived = daemon.proc.poll() is None
+        code = daemon.terminate()
+        self.note("emulator restart scenario done")
+        return {"survived": survived, "published": len(ids), "resumed": len(resumed), "exit_code": code}
+
+
+def _pull(adapter: PubSub, sub: str) -> set[str]:
+    from google.api_core import exceptions as gexc
+
+    try:
+        response = adapter.subscriber.pull(request={"subscription": sub, "max_messages": 100}, timeout=5, retry=None)
+    except gexc.DeadlineExceeded:
+        return set()
+    received = response.received_messages
+    if received:
+        adapter.subscriber.acknowledge(request={"subscription": sub, "ack_ids": [m.ack_id for m in received]})
+    return {m.message.attributes["consumerd_original_message_id"] for m in received}
+
+
+def _death_cause(reason: str) -> str:
+    if reason.startswith("timeout"):
+        return "timeout (killed)"
+    if "SIGKILL" in reason:
+        return "SIGKILL"
+    if "SIGSEGV" in reason:
+        return "segfault"
+    if "exited with code" in reason:
+        return reason
+    return reason or "other"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _grandchildren(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    return [w for child in parents.get(pid, []) for w in parents.get(child, [])]
+
+
+def print_table(r: dict) -> None:
+    rows = [
+        ("published", r["published"]),
+        ("succeeded (unique)", r["succeeded"]),
+        ("LOST (published, not rejected, never succeeded)", r["lost"]),
+        ("succeeded more than once", f"{r['duplicates']} {r['duplicate_causes']}"),
+        ("rejected by tasks / dead-lettered", f"{r['rejected_by_tasks']} / {r['dead_lettered']} (match: {r['dead_letter_matches_rejects']})"),
+        ("worker deaths by cause", r["worker_deaths"]),
+        ("daemon restarts", r["daemon_restarts"]),
+        ("orphaned workers left after SIGKILL", r["orphaned_workers_left_after_sigkill"]),
+        ("peak supervisor RSS (MB)", r["peak_supervisor_rss_mb"]),
+        ("emulator stop/restart: survived and resumed", r["emulator_restart"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print()
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="consumerd-chaos-"))
+    print(f"chaos soak: {args.messages} messages, seed {args.seed}, files in {workdir}", flush=True)
+    result = Soak(args.messages, args.seed, workdir).run()
+    print_table(result)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    broken = (
+        result["lost"] > 0
+        or not result["dead_letter_matches_rejects"]
+        or result["orphaned_workers_left_after_sigkill"] > 0
+        or not result["emulator_restart"]["survived"]
+        or result["emulator_restart"]["resumed"] != result["emulator_restart"]["published"]
+        or result["emulator_restart"]["exit_code"] != 0
+    )
+    print("\nFAILED: an invariant broke" if broken else "\nOK: nothing lost, every invariant held")
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
