@@ -40,6 +40,7 @@ class Daemon:
 
     def __init__(self, config: Path, env: dict[str, str], log: Path) -> None:
         self.log_path = log
+        self.log_offset = log.stat().st_size if log.exists() else 0  # this daemon's lines start here
         handle = log.open("a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "consumerd", "run", "--config", str(config)],
@@ -58,8 +59,12 @@ class Daemon:
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if '"daemon.ready"' in self.log_path.read_text(errors="replace").split("daemon.starting")[-1]:
-                return
+            with self.log_path.open("rb") as handle:
+                handle.seek(self.log_offset)
+                mine = handle.read()
+            for line in mine.splitlines():
+                if b'"daemon.ready"' in line and json.loads(line).get("pid") == self.proc.pid:
+                    return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}")
             time.sleep(0.1)
@@ -254,7 +259,7 @@ class Soak:
             "lost": len(lost),
             "lost_ids": lost[:20],
             "duplicates": len(duplicates),
-            "duplicate_causes": self.duplicate_causes(duplicates, fates),
+            "duplicate_causes": self.duplicate_causes(duplicates, fates, lines),
             "rejected_by_tasks": len(rejected),
             "dead_lettered": len(dead_lettered),
             "dead_letter_matches_rejects": dead_lettered == rejected,
@@ -265,12 +270,37 @@ class Soak:
             "fates": dict(Counter(fates.values())),
         }
 
-    def duplicate_causes(self, duplicates: dict[str, int], fates: dict[str, str]) -> dict[str, int]:
+    def duplicate_causes(self, duplicates: dict[str, int], fates: dict[str, str], lines: list[list[str]]) -> dict[str, int]:
+        """Why a message succeeded twice, judged by when its first success was, against the faults."""
+        first_success: dict[str, float] = {}
+        for parts in lines:
+            if parts[3] == "success":
+                first_success.setdefault(parts[0], float(parts[4]))
+        windows = self.fault_windows()
         causes: Counter[str] = Counter()
         for mid in duplicates:
-            fate = fates[mid]
-            causes["slow task (lease)" if fate == "slow" else "crash/kill/freeze between success and ack"] += 1
+            at = first_success[mid]
+            cause = next((name for name, start, end in windows if start <= at <= end), None)
+            if cause is None:
+                cause = "slow task outlived a lease" if fates[mid] == "slow" else "other"
+            causes[cause] += 1
         return dict(causes)
+
+    def fault_windows(self) -> list[tuple[str, float, float]]:
+        """(cause, from, to): a success in the window may not have been acked because of the fault."""
+        windows = []
+        events = dict((what.split(" (")[0], at) for at, what in self.events)
+        for at, what in self.events:
+            if what.startswith("SIGKILL"):
+                windows.append(("supervisor SIGKILLed after success, before the ack", at - 1.0, at))
+            elif what.startswith("emulator frozen"):
+                end = events.get("emulator resumed", at)
+                windows.append(("emulator frozen: acks failed until the lease ran out", at - 1.0, end))
+            elif what.startswith("second daemon on"):
+                windows.append(("two daemons on the subscription", at, events.get("second daemon stopped", at)))
+            elif what == "SIGTERM":
+                windows.append(("SIGTERM drain", at - 1.0, at + 1.0))
+        return windows
 
     def emulator_restart_scenario(self, config: Path, topic: str, sub: str) -> dict:
         """Stop and restart the emulator under a running daemon: it must survive and resume."""

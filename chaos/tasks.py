@@ -1,7 +1,7 @@
 """The soak's task. Each message's `fate` attribute says how its first run misbehaves; later runs
 succeed (a `reject` never does). Every run appends `message_id attempt pid event` to the ledger
-(CHAOS_LEDGER), a file the daemon does not own: `start` before the work, `success` just before
-returning, `reject` before raising Reject. A run that crashes leaves only its `start`.
+(CHAOS_LEDGER, with a wall-clock time), a file the daemon does not own: `start` before the work,
+`success` just before returning, `reject` before raising Reject. A run that crashes leaves only its `start`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ FATES = {  # fate: share of messages
 
 
 def _ledger_line(msg: Message, event: str) -> None:
-    line = f"{msg.message_id} {msg.delivery_attempt or 0} {os.getpid()} {event}\n".encode()
+    line = f"{msg.message_id} {msg.delivery_attempt or 0} {os.getpid()} {event} {time.time():.3f}\n".encode()
     fd = os.open(os.environ["CHAOS_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)
@@ -40,7 +40,7 @@ def _first_run(msg: Message) -> bool:
     try:
         with open(os.environ["CHAOS_LEDGER"], "rb") as handle:
             needle = f"{msg.message_id} ".encode()
-            starts = sum(1 for line in handle if line.startswith(needle) and line.endswith(b" start\n"))
+            starts = sum(1 for line in handle if line.startswith(needle) and b" start " in line)
     except FileNotFoundError:
         starts = 0
     return starts <= 1  # this run's own start is already written
