@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.runner import Runner, Run
-from bench.tasks import WORKLOADS, calibrate
+from bench.tasks import calibrate
 from consumerd.emulator import Emulator
 
 RESULTS = Path(__file__).resolve().parent / "results"

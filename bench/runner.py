@@ -18,6 +18,7 @@ from typing import Any
 
 from bench.tasks import WORKLOADS
 from consumerd.config import PubSubSettings
+from consumerd.procinfo import status_kb, workers_of
 from consumerd.pubsub import PubSub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +223,7 @@ class Daemon:
         return {
             "consumer_cpu_s": self.cpu_seconds(),
             "consumer_rss_mb": _hwm_mb(self.proc.pid),
-            "worker_rss_mb": max((_hwm_mb(pid) for pid in _grandchildren(self.proc.pid)), default=None),
+            "worker_rss_mb": max((_hwm_mb(pid) or 0.0 for pid in workers_of(self.proc.pid)), default=None),
         }
 
     def stop(self) -> dict | None:
@@ -295,23 +296,5 @@ def _epoch(iso: str) -> float:
 
 
 def _hwm_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
-
-
-def _grandchildren(pid: int) -> list[int]:
-    """The workers: children of the daemon's fork server (a child of the daemon)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    return [w for child in parents.get(pid, []) for w in parents.get(child, [])]
+    kb = status_kb(pid, "VmHWM")
+    return round(kb / 1024, 1) if kb is not None else None

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 from chaos.tasks import FATES
 from consumerd.config import PubSubSettings
 from consumerd.emulator import Emulator
+from consumerd.procinfo import alive, status_kb, workers_of
 from consumerd.pubsub import PubSub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,12 +49,7 @@ class Daemon:
         self.peak_rss_mb = 0.0
 
     def sample_rss(self) -> None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024)
-        except OSError:
-            pass
+        self.peak_rss_mb = max(self.peak_rss_mb, (status_kb(self.proc.pid, "VmHWM") or 0) / 1024)
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -71,7 +66,7 @@ class Daemon:
         raise RuntimeError("daemon not ready")
 
     def workers(self) -> list[int]:
-        return _grandchildren(self.proc.pid)
+        return workers_of(self.proc.pid)
 
     def terminate(self, timeout: float = 120) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -190,9 +185,9 @@ class Soak:
         self.note(f"SIGKILL supervisor ({len(workers)} workers)")
         daemon.kill()
         deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.orphans_left = sum(_alive(pid) for pid in workers)
+        self.orphans_left = sum(alive(pid) for pid in workers)
         self.restarts += 1
         return self.start(config)
 
@@ -350,26 +345,6 @@ def _death_cause(reason: str) -> str:
     if "exited with code" in reason:
         return reason
     return reason or "other"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def _grandchildren(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    return [w for child in parents.get(pid, []) for w in parents.get(child, [])]
 
 
 def print_table(r: dict) -> None:

@@ -25,6 +25,7 @@ import sys
 from typing import Any
 
 from .errors import ConfigError, ExitCode
+from .inbox import drain_fd
 from .logsetup import configure_logging, get_logger
 from .protocol import ForkServerSpec
 from .worker import reset_process_state, serve  # imported here once, not in every forked child
@@ -73,7 +74,7 @@ class ForkServer:
             while True:
                 for key, _ in selector.select():
                     if key.data == "sigchld":
-                        _drain(wake_r)
+                        drain_fd(wake_r)
                         self.reap()
                     elif not self.handle_request():
                         return 0
@@ -168,14 +169,6 @@ class ForkServer:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
 
 
 def main() -> int:

@@ -27,14 +27,19 @@ class Inbox:
 
     def take_all(self) -> list[Any]:
         """Everything posted so far (and clear the wake-up bytes)."""
-        try:
-            while os.read(self.fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        drain_fd(self.fd)
         items = []
         while True:
             try:
                 items.append(self._queue.get_nowait())
             except queue.Empty:
                 return items
+
+
+def drain_fd(fd: int) -> None:
+    """Read a non-blocking wake-up pipe empty."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass

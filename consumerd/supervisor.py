@@ -28,7 +28,7 @@ from .errors import ConfigError, ConsumerdError, ExitCode, PubSubUnavailable
 from .flow import Ewma, prefetch_allowance, pull_size
 from .forwarder import DeadLetter, Forwarded, Forwarder
 from .histogram import Histogram
-from .inbox import Inbox
+from .inbox import Inbox, drain_fd
 from .leases import LeaseSchedule
 from .logsetup import configure_logging, get_logger
 from .message import Message
@@ -143,7 +143,7 @@ class Supervisor:
         for fd in (wake_r, wake_w):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(wake_w)
-        self.selector.register(wake_r, selectors.EVENT_READ, lambda: _drain_pipe(wake_r))
+        self.selector.register(wake_r, selectors.EVENT_READ, lambda: drain_fd(wake_r))
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(signum, self._record_signal)
 
@@ -663,11 +663,3 @@ class Supervisor:
             notify_dropped=self.notifier.dropped,
             exit_code=int(self.exit_code),
         )
-
-
-def _drain_pipe(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass

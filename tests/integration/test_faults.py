@@ -8,40 +8,14 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from consumerd.emulator import free_port
+from consumerd.procinfo import alive, descendants, status_kb
 from tests.support.daemon import REPO, NotifySocket, daemon_env
 
 pytestmark = pytest.mark.integration
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, state) of every process below ``pid``."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append((int(entry.name), fields[0]))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child[0])
-    return out
 
 
 # -- messages ----------------------------------------------------------------------------------
@@ -114,9 +88,9 @@ def test_children_a_task_leaves_behind_are_killed_and_reaped(broker, topic_sub, 
     daemon = make_daemon(sub)
     daemon.wait_for("message.done", message_id=mid)
     child = int(next(e for e, *_ in ledger.lines() if e.startswith("child=")).split("=")[1])
-    assert not _alive(child)
+    assert not alive(child)
     assert daemon.select("task.left_children", message_id=mid)
-    assert all(state != "Z" for _, state in _descendants(daemon.pid)), "no zombies"
+    assert all(state != "Z" for _, state in descendants(daemon.pid)), "no zombies"
 
 
 def test_1000_crashing_tasks_leak_no_fds_zombies_or_memory(broker, topic_sub, make_daemon, ledger):
@@ -126,24 +100,17 @@ def test_1000_crashing_tasks_leak_no_fds_zombies_or_memory(broker, topic_sub, ma
     warmup = broker.publish(topic, 20, task="exit_once")
     daemon.wait_for_ids("message.done", set(warmup), timeout=60)
     fds_before = len(os.listdir(f"/proc/{daemon.pid}/fd"))
-    rss_before = _rss_kb(daemon.pid)
+    rss_before = status_kb(daemon.pid, "VmRSS")
     ids = broker.publish(topic, 1000, task="exit_once")
     daemon.wait_for_ids("message.done", set(ids), timeout=240)
     assert len(daemon.select("message.failed", outcome="crash")) >= 1000
     fds_after = len(os.listdir(f"/proc/{daemon.pid}/fd"))
-    rss_after = _rss_kb(daemon.pid)
-    zombies = [pid for pid, state in _descendants(daemon.pid) if state == "Z"]
+    rss_after = status_kb(daemon.pid, "VmRSS")
+    zombies = [pid for pid, state in descendants(daemon.pid) if state == "Z"]
     print(f"1000 crashes: fds {fds_before} -> {fds_after}, RSS {rss_before} -> {rss_after} kB, zombies {len(zombies)}")
     assert fds_after <= fds_before + 2
     assert not zombies
     assert rss_after - rss_before < 20_000, "supervisor RSS grew by more than 20 MB"
-
-
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 # -- Pub/Sub and signals -----------------------------------------------------------------------

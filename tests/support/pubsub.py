@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from google.api_core import exceptions as gexc
-from google.cloud import pubsub_v1
 
 from consumerd.config import PubSubSettings
 from consumerd.pubsub import PubSub
