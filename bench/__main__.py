@@ -24,7 +24,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def plan(quick: bool, cores: int) -> list[Run]:
     """Every contender x workload run, with its message count."""
-    n = {"noop": 3000, "cpu20": 200, "tail": 150, "io100": 640} if quick else {"noop": 5000, "cpu20": 600, "tail": 400, "io100": 1600}
+    n = {"noop": 2000, "cpu20": 200, "tail": 150, "io100": 640} if quick else {"noop": 5000, "cpu20": 600, "tail": 400, "io100": 1600}
     runs = [Run("ceiling", "noop", n["noop"])]
     for workload in ("noop", "cpu20", "tail"):
         runs += [Run("subscribe", workload, n[workload]), Run("blog", workload, n[workload])]

@@ -15,8 +15,11 @@ WORKLOAD_TITLES = {"noop": "no-op", "cpu20": "CPU 20 ms", "tail": "heavy tail", 
 def draw(result: dict, path: Path) -> Path:
     summary = result["summary"]
     workloads = [w for w in WORKLOAD_TITLES if any(s["workload"] == w for s in summary)]
-    fig, axes = plt.subplots(1, len(workloads) + 1, figsize=(5 * (len(workloads) + 1), 5))
-    for ax, workload in zip(axes, workloads):
+    fig, grid = plt.subplots(2, 3, figsize=(18, 9))
+    axes = list(grid.flat)
+    for ax in axes[len(workloads) + 1 :]:
+        ax.axis("off")
+    for ax, workload in zip(axes, workloads, strict=False):
         rows = sorted((s for s in summary if s["workload"] == workload), key=lambda s: s["throughput"])
         names = [s["contender"] for s in rows]
         values = [s["throughput"] for s in rows]
@@ -26,14 +29,14 @@ def draw(result: dict, path: Path) -> Path:
         ax.set_title(f"{WORKLOAD_TITLES[workload]} (messages/s)")
         ax.tick_params(axis="y", labelsize=8)
     scaling = result["scaling"]
-    ax = axes[-1]
+    ax = axes[len(workloads)]
     c = [p["concurrency"] for p in scaling]
     ax.plot(c, [p["throughput"] for p in scaling], "o-", label="consumerd")
     ax.plot(c, [p["ideal"] for p in scaling], "--", color="gray", label="ideal (c / 0.1 s)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("concurrency")
-    ax.set_title("100 ms sleep tasks: messages/s vs concurrency")
+    ax.set_title("consumerd, 100 ms sleep tasks: msg/s vs concurrency")
     ax.legend()
     cores = result["machine"]["cores"]
     fig.suptitle(f"consumerd vs alternatives, {cores} cores shared with the Pub/Sub emulator ({result['repetitions']} repetitions, median, min-max)")

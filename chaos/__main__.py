@@ -33,6 +33,8 @@ from consumerd.pubsub import PubSub
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "chaos"
 ACK_DEADLINE = 10
+SLOW_SECONDS = ACK_DEADLINE + 2  # a "slow" task outlives its first lease: renewals must keep it
+TASK_TIMEOUT = SLOW_SECONDS + 2  # ...while a "hang" is killed
 
 
 class Daemon:
@@ -124,7 +126,7 @@ class Soak:
         config = self.dir / "consumerd.toml"
         config.write_text(
             f'[pubsub]\nsubscription = "{sub}"\n'
-            "[workers]\nconcurrency = 8\ntask_timeout = 5\n"
+            f"[workers]\nconcurrency = 8\ntask_timeout = {TASK_TIMEOUT}\n"
             f"[leases]\nack_deadline = {ACK_DEADLINE}\n"
             "[retry]\nmin_backoff = 0.5\nmax_backoff = 2\n"
             f'[dead_letter]\ntopic = "{dl_topic}"\nmax_attempts = 20\n'
@@ -137,7 +139,7 @@ class Soak:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUMERD_", "NOTIFY_SOCKET", "WATCHDOG_"))}
         env.update(
             PUBSUB_EMULATOR_HOST=self.emulator.host, GOOGLE_CLOUD_PROJECT=PROJECT, PYTHONPATH=str(REPO),
-            CHAOS_LEDGER=str(self.ledger), CHAOS_SLOW_SECONDS=str(ACK_DEADLINE + 2),
+            CHAOS_LEDGER=str(self.ledger), CHAOS_SLOW_SECONDS=str(SLOW_SECONDS),
         )
         return env
 

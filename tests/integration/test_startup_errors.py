@@ -82,3 +82,41 @@ def test_tasks_lists_names_and_origins(tmp_path, emulator):
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert names == ["echo", "fail", "hash", "noop", "sleep"]
     assert "consumerd.demo.echo" in result.stdout
+
+
+def _fake_key(path, secret):
+    import json
+
+    path.write_text(json.dumps({
+        "type": "service_account", "project_id": "p", "private_key_id": "k1",
+        "private_key": f"-----BEGIN PRIVATE KEY-----\\n{secret}\\n-----END PRIVATE KEY-----\\n",
+        "client_email": "x@p.iam.gserviceaccount.com", "client_id": "1", "token_uri": "https://oauth2.googleapis.com/token",
+    }))
+
+
+def test_credentials_are_never_printed_and_loose_permissions_are_warned(tmp_path, emulator):
+    secret = "TOP-SECRET-KEY-MATERIAL-91c2"
+    key = tmp_path / "key.json"
+    _fake_key(key, secret)
+    key.chmod(0o644)
+    settings = {"pubsub": {"subscription": "does-not-exist", "credentials_file": str(key)},
+                "tasks": {"modules": ["consumerd.demo"]}, "logging": {"format": "json"}}
+    checked = run_consumerd(tmp_path, emulator.host, settings, "check-config")
+    assert checked.returncode == 0 and "contents not shown" in checked.stdout
+    ran = run_consumerd(tmp_path, emulator.host, settings)
+    assert ran.returncode == 78  # the subscription does not exist (after the permission check)
+    assert '"security.permissions"' in ran.stdout and "chmod 600" in ran.stdout
+    for output in (checked.stdout, checked.stderr, ran.stdout, ran.stderr):
+        assert secret not in output
+
+
+def test_unreadable_or_missing_credentials_exit_78(tmp_path, emulator):
+    settings = {"pubsub": {"subscription": "jobs", "credentials_file": str(tmp_path / "absent.json"), "emulator_host": ""},
+                "tasks": {"modules": ["consumerd.demo"]}}
+    config = tmp_path / "bad.toml"
+    config.write_text(toml(settings))
+    env = daemon_env(emulator.host, tmp_path)
+    env.pop("PUBSUB_EMULATOR_HOST")  # a real-service configuration: the key must be loaded
+    result = subprocess.run([sys.executable, "-m", "consumerd", "run", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert_config_error(result, "pubsub.credentials_file", "absent.json", "not found")
