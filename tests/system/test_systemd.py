@@ -17,6 +17,13 @@ pytestmark = pytest.mark.system
 UNITS = ("consumerd.service", "consumerd@.service")
 
 
+def _wait_count(guest, event, count, timeout=30):
+    deadline = time.monotonic() + timeout
+    while len(guest.ledger_ids(event)) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} {event}: {guest.ledger()}"
+        time.sleep(0.1)
+
+
 def _wait_ids(guest, ids, event="done", timeout=60):
     deadline = time.monotonic() + timeout
     while not set(ids) <= set(guest.ledger_ids(event)):
@@ -79,10 +86,7 @@ def test_frozen_loop_is_killed_by_the_watchdog_and_nothing_is_lost(guest, servic
              "> /etc/systemd/system/consumerd.service.d/watchdog.conf && systemctl daemon-reload")
     guest.sh("systemctl start consumerd")
     ids = broker.publish(topic, 4, data={"seconds": 1}, task="sleep")
-    deadline = time.monotonic() + 30
-    while not guest.ledger_ids("start"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    _wait_count(guest, "start", 1)
     main_pid = guest.show()["MainPID"]
     guest.sh(f"kill -STOP {main_pid}")
     guest.wait_until(lambda s: int(s["NRestarts"]) >= 1, timeout=30, what="a watchdog restart")
@@ -94,10 +98,7 @@ def test_stop_drains_running_tasks(guest, service, broker):
     topic, sub = service()
     guest.sh("systemctl start consumerd")
     ids = broker.publish(topic, 2, data={"seconds": 4}, task="sleep")
-    deadline = time.monotonic() + 30
-    while len(guest.ledger_ids("start")) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    _wait_count(guest, "start", 2)
     stopper = threading.Thread(target=guest.sh, args=("systemctl stop consumerd",))
     stopper.start()
     guest.wait_until(lambda s: s["ActiveState"] == "deactivating", timeout=10, what="deactivating")
@@ -123,10 +124,7 @@ def test_reload_applies_a_new_concurrency_without_losing_a_task(guest, service, 
     topic, _ = service()
     guest.sh("systemctl start consumerd")
     running = broker.publish(topic, 2, data={"seconds": 3}, task="sleep")
-    deadline = time.monotonic() + 30
-    while len(guest.ledger_ids("start")) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    _wait_count(guest, "start", 2)
     config = guest.sh("cat /etc/consumerd.toml").stdout.replace("concurrency = 2", "concurrency = 4")
     guest.write("/etc/consumerd.toml", config)
     guest.sh("systemctl reload consumerd")
