@@ -98,7 +98,6 @@ class Pool:
         self._server: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
         self._seq = itertools.count(1)
-        self.stats = {"spawned": 0, "exited": 0, "killed": 0}
 
     # -- fork server ---------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> list[str]:
@@ -152,7 +151,6 @@ class Pool:
         sock.setblocking(False)  # one syscall per send/recv on the hot path; see _send
         handle = WorkerHandle(worker_id, pid, sock, max_tasks=self.spec.max_tasks_per_child)
         self.workers[pid] = handle
-        self.stats["spawned"] += 1
         return WorkerStarted(handle)
 
     def _exited(self, pid: int, status: int) -> list[PoolEvent]:
@@ -161,7 +159,6 @@ class Pool:
             return []
         self._close(handle)
         _sweep_process_group(pid)
-        self.stats["exited"] += 1
         reason = handle.kill_reason or describe_status(status)
         return [WorkerExited(handle, handle.job, status, reason)]
 
@@ -239,8 +236,6 @@ class Pool:
             return
         worker.kill_reason = worker.kill_reason or reason
         worker.kill_escalate_at = now + grace
-        if reason:
-            self.stats["killed"] += 1
         _signal_group(worker.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
 
     def escalate_kills(self, now: float) -> None:

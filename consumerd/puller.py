@@ -41,8 +41,6 @@ class Puller:
         self._cond = threading.Condition()
         self._wanted = 0
         self._stopping = False
-        self.busy = False  # a pull is in flight or about to be (read by the supervisor loop)
-        self.failures = 0
         self._thread = threading.Thread(target=self._run, name="consumerd-puller", daemon=True)
         self.log = get_logger("consumerd.puller")
 
@@ -52,7 +50,6 @@ class Puller:
     def request(self, n: int) -> None:
         """Pull up to ``n`` messages (one pull at a time; call again after its result arrived)."""
         with self._cond:
-            self.busy = True
             self._wanted = n
             self._cond.notify()
 
@@ -71,7 +68,6 @@ class Puller:
             received = self._pull_with_retry(asked)
             if received is None:
                 return
-            self.busy = False
             self._inbox.post(PullResult(asked, received))
 
     def _pull_with_retry(self, asked: int) -> list | None:
@@ -81,13 +77,11 @@ class Puller:
                 received = self._pull(asked, self._timeout)
                 if attempt:
                     self.log.info("pubsub.pull_recovered", after_attempts=attempt)
-                self.failures = 0
                 return received
             except Exception as exc:  # noqa: BLE001 - every failure is retried; the loop must live on
                 if self._stopping:
                     return None
                 attempt += 1
-                self.failures = attempt
                 delay = self._backoff.delay(attempt)
                 level = "warning" if self._is_transient(exc) else "error"
                 getattr(self.log, level)(

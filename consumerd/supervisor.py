@@ -35,7 +35,7 @@ from .message import Message
 from .pool import KILL_GRACE, ForkServerDied, Pool, PoolEvent, WorkerExited, WorkerResult, WorkerStarted
 from .protocol import ForkServerSpec
 from .puller import PullResult, Puller
-from .pubsub import PubSub, Received, SubscriptionInfo, is_transient
+from .pubsub import PubSub, Received, is_transient
 from .systemd import Notifier
 
 STARTUP_TIMEOUT = 60.0  # seconds to start the workers before giving up
@@ -100,7 +100,6 @@ class Supervisor:
         self._next_housekeeping = 0.0
         self.pool: Pool
         self.pubsub: PubSub
-        self.subscription: SubscriptionInfo
         self.puller: Puller
         self.acker: Acker
         self.forwarder: Forwarder | None = None
@@ -197,7 +196,6 @@ class Supervisor:
                 self.log.warning("pubsub.unreachable", error=type(exc).__name__, attempt=attempt, retry_in_s=round(delay, 2))
                 if self.wait_or_stop(delay):
                     return
-        self.subscription = info
         self.subscription_deadline = info.ack_deadline
         self.backlog = Backlog(ordered=info.ordering, max_running_bytes=self.settings.flow.max_inflight_bytes)
         self.check_dead_letter_topic()
@@ -370,7 +368,6 @@ class Supervisor:
         self.settings = settings
         self.resize(settings.workers.concurrency)
         self.retry_policy = delivery.RetryPolicy(settings.retry.min_backoff, settings.retry.max_backoff)
-        self.leases.ack_deadline = settings.leases.ack_deadline
         self.durations.minimum = settings.leases.min_ack_deadline
         self.durations.maximum = settings.leases.max_ack_deadline
         self.backlog.max_running_bytes = settings.flow.max_inflight_bytes
