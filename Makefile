@@ -9,11 +9,12 @@ PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: help venv emulator systemd-sandbox wheel install-system run test unit integration system chaos bench bench-quick clean
+.PHONY: help venv emulator systemd-sandbox wheel install-system run test lint unit integration system chaos bench bench-quick clean
 
 help:
 	@echo "make run    - start a local Pub/Sub emulator and the daemon with demo tasks (Ctrl-C stops)"
 	@echo "make test   - unit and integration tests against the real emulator"
+	@echo "make lint   - ruff (lint and format) and mypy, as CI runs them"
 	@echo "make unit   - only the fast unit tests"
 	@echo "make wheel / make install-system - build a wheel / install as a systemd service (deploy/install.sh)"
 	@echo "make bench  - consumerd against the alternatives (~20 min); make bench-quick (< 3 min)"
@@ -53,6 +54,11 @@ run: venv emulator
 
 test: venv emulator systemd-sandbox
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit

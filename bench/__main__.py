@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.runner import Runner, Run
+from bench.runner import Run, Runner
 from bench.tasks import calibrate
 from consumerd.emulator import Emulator
 
@@ -54,7 +54,7 @@ def main() -> int:
         runs = plan(args.quick, cores)
         records = []
         for rep in range(reps):
-            for run in (runs if rep % 2 == 0 else list(reversed(runs))):
+            for run in runs if rep % 2 == 0 else list(reversed(runs)):
                 record = runner.measure(run)
                 record["repetition"] = rep
                 records.append(record)
@@ -99,21 +99,23 @@ def summarize(records: list[dict]) -> list[dict]:
     out = []
     for (contender, workload), rs in groups.items():
         tp = [r["throughput"] for r in rs]
-        out.append({
-            "contender": contender,
-            "workload": workload,
-            "n": rs[0]["n"],
-            "throughput": statistics.median(tp),
-            "throughput_min": min(tp),
-            "throughput_max": max(tp),
-            "latency_ms_p50": statistics.median(r["latency_ms"]["p50"] for r in rs),
-            "latency_ms_p99": statistics.median(r["latency_ms"]["p99"] for r in rs),
-            "consumer_cpu_s_per_1k": _median_of(rs, "consumer_cpu_s_per_1k"),
-            "consumer_rss_mb": _median_of(rs, "consumer_rss_mb"),
-            "worker_rss_mb": _median_of(rs, "worker_rss_mb"),
-            "rpcs_per_1k": rs[0].get("rpcs_per_1k"),
-            "duplicates": sum(r["duplicates"] for r in rs),
-        })
+        out.append(
+            {
+                "contender": contender,
+                "workload": workload,
+                "n": rs[0]["n"],
+                "throughput": statistics.median(tp),
+                "throughput_min": min(tp),
+                "throughput_max": max(tp),
+                "latency_ms_p50": statistics.median(r["latency_ms"]["p50"] for r in rs),
+                "latency_ms_p99": statistics.median(r["latency_ms"]["p99"] for r in rs),
+                "consumer_cpu_s_per_1k": _median_of(rs, "consumer_cpu_s_per_1k"),
+                "consumer_rss_mb": _median_of(rs, "consumer_rss_mb"),
+                "worker_rss_mb": _median_of(rs, "worker_rss_mb"),
+                "rpcs_per_1k": rs[0].get("rpcs_per_1k"),
+                "duplicates": sum(r["duplicates"] for r in rs),
+            }
+        )
     return out
 
 
@@ -147,7 +149,12 @@ def targets(summary: list[dict], scaling: list[dict], idle: dict, lease: dict, c
         ideal = min(point["concurrency"] / 0.1, ceiling or 1e9)
         rows.append((f"scaling: c={point['concurrency']} >= 90 % of ideal", point["throughput"], 0.9 * ideal, ">="))
     return [
-        {"target": name, "measured": round(measured, 2), "bound": round(bound, 2), "met": measured >= bound if op == ">=" else measured <= bound}
+        {
+            "target": name,
+            "measured": round(measured, 2),
+            "bound": round(bound, 2),
+            "met": measured >= bound if op == ">=" else measured <= bound,
+        }
         for name, measured, bound, op in rows
     ]
 
@@ -160,9 +167,13 @@ def print_table(result: dict) -> None:
             f"{'':<6}{s['latency_ms_p50']:>9.0f} {s['latency_ms_p99']:>9.0f} {s['consumer_cpu_s_per_1k'] or 0:>9.2f}"
             f" {s['consumer_rss_mb'] or 0:>7.1f} {s['worker_rss_mb'] or 0:>9.1f}"
         )
-    print("\nscaling (consumerd, 100 ms sleep tasks):", ", ".join(f"c={p['concurrency']}: {p['throughput']:.0f}/s" for p in result["scaling"]))
+    print(
+        "\nscaling (consumerd, 100 ms sleep tasks):", ", ".join(f"c={p['concurrency']}: {p['throughput']:.0f}/s" for p in result["scaling"])
+    )
     idle = result["idle_to_busy"]
-    print(f"idle to busy: start p50 {idle['start_latency_ms_p50']:.0f} ms, p99 {idle['start_latency_ms_p99']:.0f} ms; idle CPU {idle['idle_cpu_percent']:.2f} % of a core")
+    print(
+        f"idle to busy: start p50 {idle['start_latency_ms_p50']:.0f} ms, p99 {idle['start_latency_ms_p99']:.0f} ms; idle CPU {idle['idle_cpu_percent']:.2f} % of a core"
+    )
     print("\ntargets:")
     for t in result["targets"]:
         print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: measured {t['measured']}, bound {t['bound']}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 WORKLOAD_TITLES = {"noop": "no-op", "cpu20": "CPU 20 ms", "tail": "heavy tail", "io100": "I/O 100 ms"}
 
@@ -39,7 +39,9 @@ def draw(result: dict, path: Path) -> Path:
     ax.set_title("consumerd, 100 ms sleep tasks: msg/s vs concurrency")
     ax.legend()
     cores = result["machine"]["cores"]
-    fig.suptitle(f"consumerd vs alternatives, {cores} cores shared with the Pub/Sub emulator ({result['repetitions']} repetitions, median, min-max)")
+    fig.suptitle(
+        f"consumerd vs alternatives, {cores} cores shared with the Pub/Sub emulator ({result['repetitions']} repetitions, median, min-max)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -108,12 +108,17 @@ def main() -> None:
     extra = {"ceiling": ceiling, "subscribe": subscribe, "blog": blog}[name](subscription, n)
     self_use = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(json.dumps({
-        "consumer_cpu_s": self_use.ru_utime + self_use.ru_stime,
-        "consumer_rss_mb": self_use.ru_maxrss / 1024,
-        "worker_rss_mb": children.ru_maxrss / 1024 if children.ru_maxrss else None,
-        **extra,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "consumer_cpu_s": self_use.ru_utime + self_use.ru_stime,
+                "consumer_rss_mb": self_use.ru_maxrss / 1024,
+                "worker_rss_mb": children.ru_maxrss / 1024 if children.ru_maxrss else None,
+                **extra,
+            }
+        ),
+        flush=True,
+    )
     os._exit(0)  # streaming pull and gRPC threads must not hold the exit up
 
 

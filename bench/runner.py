@@ -18,8 +18,8 @@ from typing import Any
 
 from bench.tasks import WORKLOADS
 from consumerd.config import PubSubSettings
-from consumerd.procinfo import status_kb, workers_of
 from consumerd.pubsub import PubSub
+from harness.procinfo import status_kb, workers_of
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "bench"
@@ -89,7 +89,11 @@ class Runner:
     def _run_contender(self, sub: str, run: Run, out: Path) -> tuple[float, dict[str, Any]]:
         proc = subprocess.run(
             [sys.executable, "-m", "bench.contenders", run.contender, sub, str(run.n)],
-            capture_output=True, text=True, env=self._env(out), cwd=REPO, timeout=RUN_LIMIT,
+            capture_output=True,
+            text=True,
+            env=self._env(out),
+            cwd=REPO,
+            timeout=RUN_LIMIT,
         )
         lines = proc.stdout.splitlines()
         if proc.returncode != 0 or not lines:
@@ -192,7 +196,11 @@ class Daemon:
     def __init__(self, config: Path, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "consumerd", "run", "--config", str(config)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=REPO,
         )
         self.events: dict[str, dict] = {}
         self._ready = threading.Event()

@@ -27,8 +27,8 @@ from pathlib import Path
 from chaos.tasks import FATES
 from consumerd.config import PubSubSettings
 from consumerd.emulator import Emulator
-from consumerd.procinfo import alive, status_kb, workers_of
 from consumerd.pubsub import PubSub
+from harness.procinfo import alive, status_kb, workers_of
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "chaos"
@@ -46,7 +46,10 @@ class Daemon:
         handle = log.open("a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "consumerd", "run", "--config", str(config)],
-            stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
         )
         self.peak_rss_mb = 0.0
 
@@ -138,8 +141,11 @@ class Soak:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUMERD_", "NOTIFY_SOCKET", "WATCHDOG_"))}
         env.update(
-            PUBSUB_EMULATOR_HOST=self.emulator.host, GOOGLE_CLOUD_PROJECT=PROJECT, PYTHONPATH=str(REPO),
-            CHAOS_LEDGER=str(self.ledger), CHAOS_SLOW_SECONDS=str(SLOW_SECONDS),
+            PUBSUB_EMULATOR_HOST=self.emulator.host,
+            GOOGLE_CLOUD_PROJECT=PROJECT,
+            PYTHONPATH=str(REPO),
+            CHAOS_LEDGER=str(self.ledger),
+            CHAOS_SLOW_SECONDS=str(SLOW_SECONDS),
         )
         return env
 
@@ -247,9 +253,8 @@ class Soak:
         for line in self.log.read_text(errors="replace").splitlines():
             if '"worker.exited"' in line:
                 event = json.loads(line)
-                reason = event.get("reason", "")
                 if event.get("level") == "warning":
-                    deaths[_death_cause(reason)] += 1
+                    deaths[_death_cause(event)] += 1
         return {
             "published": len(fates),
             "succeeded": len(successes),
@@ -337,16 +342,16 @@ def _pull(adapter: PubSub, sub: str) -> set[str]:
     return {m.message.attributes["consumerd_original_message_id"] for m in received}
 
 
-def _death_cause(reason: str) -> str:
-    if reason.startswith("timeout"):
+def _death_cause(event: dict) -> str:
+    """From the typed fields of a worker.exited event: why we killed it, else its exit code or signal."""
+    if event.get("kill_reason") == "timeout":
         return "timeout (killed)"
-    if "SIGKILL" in reason:
-        return "SIGKILL"
-    if "SIGSEGV" in reason:
-        return "segfault"
-    if "exited with code" in reason:
-        return reason
-    return reason or "other"
+    code = event.get("exit_code")
+    if isinstance(code, int) and code < 0:
+        return {-signal.SIGKILL: "SIGKILL", -signal.SIGSEGV: "segfault"}.get(code, f"signal {-code}")
+    if isinstance(code, int):
+        return f"exited with code {code}"
+    return "other"
 
 
 def print_table(r: dict) -> None:
@@ -355,7 +360,10 @@ def print_table(r: dict) -> None:
         ("succeeded (unique)", r["succeeded"]),
         ("LOST (published, not rejected, never succeeded)", r["lost"]),
         ("succeeded more than once", f"{r['duplicates']} {r['duplicate_causes']}"),
-        ("rejected by tasks / dead-lettered", f"{r['rejected_by_tasks']} / {r['dead_lettered']} (match: {r['dead_letter_matches_rejects']})"),
+        (
+            "rejected by tasks / dead-lettered",
+            f"{r['rejected_by_tasks']} / {r['dead_lettered']} (match: {r['dead_letter_matches_rejects']})",
+        ),
         ("worker deaths by cause", r["worker_deaths"]),
         ("daemon restarts", r["daemon_restarts"]),
         ("orphaned workers left after SIGKILL", r["orphaned_workers_left_after_sigkill"]),

@@ -1,8 +1,22 @@
 """consumerd: a Pub/Sub consumer daemon that runs each message as a task in a worker process."""
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import PayloadError, Reject, Retry
 from .message import Message
-from .registry import task
+
+if TYPE_CHECKING:
+    from .registry import task
 
 __version__ = "0.1.0"
 __all__ = ["Message", "PayloadError", "Reject", "Retry", "task", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # `task` (the registry) is loaded on first use: task modules import it in the fork server, while
+    # the supervisor, which only imports `consumerd.*` internals, never loads the registry at all.
+    if name == "task":
+        from .registry import task
+
+        return task
+    raise AttributeError(f"module 'consumerd' has no attribute {name!r}")

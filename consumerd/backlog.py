@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 
 from .message import Message
 
@@ -24,14 +25,20 @@ class InFlight:
     attempt: int
     received_at: float
     worker_pid: int | None = None
+    size: int = dataclasses.field(init=False)  # bytes held: payload, attributes and ordering key
 
-    @property
-    def size(self) -> int:
-        return len(self.message.data)
+    def __post_init__(self) -> None:
+        self.size = message_bytes(self.message)
 
     @property
     def key(self) -> str:
         return self.message.ordering_key
+
+
+def message_bytes(message: Message) -> int:
+    """What a message weighs in the byte budget: attributes count, so empty messages are not free."""
+    attributes = sum(len(k.encode()) + len(v.encode()) for k, v in message.attributes.items())
+    return len(message.data) + attributes + len(message.ordering_key.encode())
 
 
 class Backlog:
@@ -111,6 +118,20 @@ class Backlog:
         if not (self.ordered and key):
             return 0.0
         return max(0.0, self.blocked_until.get(key, now) - now)
+
+    def take_where(self, predicate: Callable[[InFlight], bool]) -> list[InFlight]:
+        """Remove and return the waiting messages ``predicate`` picks (their order kept)."""
+        taken = [m for m in self.waiting if predicate(m)]
+        if taken:
+            self.waiting = collections.deque(m for m in self.waiting if not predicate(m))
+        return taken
+
+    def prune(self, now: float) -> int:
+        """Forget ordering-key holds that ended (housekeeping); returns how many were dropped."""
+        ended = [key for key, until in self.blocked_until.items() if until <= now]
+        for key in ended:
+            del self.blocked_until[key]
+        return len(ended)
 
     def take_all(self) -> list[InFlight]:
         taken = list(self.waiting)

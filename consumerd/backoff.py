@@ -20,4 +20,3 @@ class Backoff:
     def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """A delay uniformly drawn from [0, ceiling]: retries of many clients spread out."""
         return rand() * self.ceiling(attempt)
-

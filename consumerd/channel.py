@@ -1,8 +1,11 @@
-"""Length-prefixed pickle frames over a stream socket: the supervisor <-> worker channel.
+"""Length-prefixed frames over a stream socket: the supervisor <-> worker channel.
 
-A frame is a 4-byte big-endian length then a pickle. The reader is incremental and never blocks, so
-a worker that writes half a frame, or garbage, cannot stall the supervisor's loop: garbage raises
-WorkerProtocolError and the worker is treated as crashed.
+A frame is a 4-byte big-endian length then a payload. Jobs (supervisor -> worker) are pickles: the
+supervisor is trusted. Results (worker -> supervisor) are JSON decoded by `Result.decode`, with a
+64 KiB limit: a worker runs task code, so what it sends is data to validate, never code to run.
+The reader is incremental and never blocks, so a worker that writes half a frame, or garbage,
+cannot stall the supervisor's loop: garbage raises WorkerProtocolError and the worker is treated as
+crashed.
 """
 
 from __future__ import annotations
@@ -11,51 +14,74 @@ import collections
 import pickle
 import socket
 import struct
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from .errors import WorkerProtocolError
+from .protocol import MAX_RESULT_FRAME, Job, Result
 
+T = TypeVar("T")
 _HEADER = struct.Struct(">I")
-MAX_FRAME = 256 * 1024 * 1024  # far above Pub/Sub's 10 MB message limit; a larger length is garbage
+MAX_JOB_FRAME = 256 * 1024 * 1024  # far above Pub/Sub's 10 MB message limit; a larger length is garbage
 
 
-def encode(obj: Any) -> bytes:
-    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+def frame(payload: bytes) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-class FrameReader:
-    def __init__(self) -> None:
+def encode_job(job: Job) -> bytes:
+    return frame(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def encode_result(result: Result) -> bytes:
+    return frame(result.encode())
+
+
+class FrameReader(Generic[T]):
+    def __init__(self, decode: Callable[[bytes], T], max_frame: int) -> None:
+        self._decode = decode
+        self._max_frame = max_frame
         self._buffer = bytearray()
-        self.ready: collections.deque[Any] = collections.deque()
+        self.ready: collections.deque[T] = collections.deque()
 
     def feed(self, data: bytes) -> None:
         """Add received bytes; every complete frame is decoded onto ``ready``."""
         self._buffer += data
         while len(self._buffer) >= _HEADER.size:
             (length,) = _HEADER.unpack_from(self._buffer)
-            if length > MAX_FRAME:
-                raise WorkerProtocolError(f"frame length {length} exceeds {MAX_FRAME}")
+            if length > self._max_frame:
+                raise WorkerProtocolError(f"frame length {length} exceeds {self._max_frame}")
             end = _HEADER.size + length
             if len(self._buffer) < end:
                 break
             payload = bytes(self._buffer[_HEADER.size : end])
             del self._buffer[:end]
-            self.ready.append(_decode(payload))
+            self.ready.append(self._decode(payload))
 
-    @property
-    def pending_bytes(self) -> int:
-        return len(self._buffer)
+    def take(self) -> list[T]:
+        frames = list(self.ready)
+        self.ready.clear()
+        return frames
 
 
-def _decode(payload: bytes) -> Any:
+def result_reader() -> FrameReader[Result]:
+    """The supervisor's side: JSON results, 64 KiB at most each."""
+    return FrameReader(Result.decode, MAX_RESULT_FRAME)
+
+
+def job_reader() -> FrameReader[Any]:
+    """The worker's side: pickled jobs from the (trusted) supervisor."""
+    return FrameReader(_unpickle, MAX_JOB_FRAME)
+
+
+def _unpickle(payload: bytes) -> Any:
     try:
         return pickle.loads(payload)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the peer is broken
         raise WorkerProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
 
 
-def recv_frame(sock: socket.socket, reader: FrameReader) -> Any | None:
+def recv_frame(sock: socket.socket, reader: FrameReader[T]) -> T | None:
     """Blocking read of one frame (the worker's side); None at end of stream."""
     while not reader.ready:
         chunk = sock.recv(1 << 20)

@@ -12,6 +12,7 @@ from pathlib import Path
 from . import __version__
 from .config import Settings, config_path, load_settings
 from .errors import ConfigError, ConsumerdError, ExitCode
+from .limits import check_concurrency, raise_nofile
 from .logsetup import configure_logging, get_logger
 
 
@@ -80,7 +81,9 @@ def cmd_run(args: argparse.Namespace) -> ExitCode:
     log = get_logger("consumerd")
     log.info("daemon.starting", version=__version__, config=str(path))
     warn_if_readable_by_others(path, settings, log)
-    from .supervisor import Supervisor  # imports grpc: only for the commands that talk to Pub/Sub
+    from .supervisor import (
+        Supervisor,  # imports grpc: only for the commands that talk to Pub/Sub
+    )
 
     try:
         return Supervisor(settings, path).run()
@@ -105,11 +108,25 @@ def warn_if_readable_by_others(path: Path | None, settings: Settings, log: objec
 
 
 def cmd_check_config(args: argparse.Namespace) -> ExitCode:
+    """Everything `run` refuses before it connects: settings, task modules, tasks.default, fd limit."""
     settings, path = _settings(args, file_required=True)
     settings.require_subscription(str(path))
+    check_concurrency(settings.workers.concurrency, raise_nofile())
+    settings.check_task_names(frozenset(_import_in_child(settings)))
     print(json.dumps({"config": str(path), "settings": settings.masked()}, indent=2))
     print(f"consumerd: {path}: OK", file=sys.stderr)
     return ExitCode.OK
+
+
+def _import_in_child(settings: Settings) -> list[str]:
+    """Import the task modules in a fork server, as `run` does: none of the user's code runs here."""
+    from .pool import Pool, fork_server_spec
+
+    pool = Pool(fork_server_spec(settings), 0, forget=lambda _sock: None)
+    try:
+        return pool.start()
+    finally:
+        pool.stop()
 
 
 def cmd_tasks(args: argparse.Namespace) -> ExitCode:
@@ -158,17 +175,13 @@ def cmd_setup(args: argparse.Namespace) -> ExitCode:
     pubsub = settings.pubsub
     topic = pubsub.topic_path(args.topic)
     subscription = (
-        args.subscription
-        if args.subscription.startswith("projects/")
-        else f"projects/{pubsub.project}/subscriptions/{args.subscription}"
+        args.subscription if args.subscription.startswith("projects/") else f"projects/{pubsub.project}/subscriptions/{args.subscription}"
     )
     created = {"topic": adapter.ensure_topic(topic)}
     dead_letter = pubsub.topic_path(args.dead_letter_topic) if args.dead_letter_topic else ""
     if dead_letter:
         created["dead_letter_topic"] = adapter.ensure_topic(dead_letter)
-    created["subscription"] = adapter.ensure_subscription(
-        topic, subscription, args.ack_deadline, dead_letter, args.max_delivery_attempts
-    )
+    created["subscription"] = adapter.ensure_subscription(topic, subscription, args.ack_deadline, dead_letter, args.max_delivery_attempts)
     for kind, was_created in created.items():
         name = {"topic": topic, "dead_letter_topic": dead_letter, "subscription": subscription}[kind]
         print(f"{kind} {name}: {'created' if was_created else 'exists'}")

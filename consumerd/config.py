@@ -15,7 +15,11 @@ from typing import Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 from pydantic_settings.exceptions import SettingsError
 
 from .errors import ConfigError
@@ -54,8 +58,7 @@ class PubSubSettings(_Section):
     def _subscription_form(cls, value: str) -> str:
         if value and not (_SUBSCRIPTION_PATH.match(value) or _SHORT_NAME.match(value)):
             raise ValueError(
-                "must be a subscription name (3-255 characters, starting with a letter) "
-                "or projects/PROJECT/subscriptions/NAME"
+                "must be a subscription name (3-255 characters, starting with a letter) or projects/PROJECT/subscriptions/NAME"
             )
         return value
 
@@ -211,9 +214,15 @@ class Settings(BaseSettings):
             raise ConfigError(f"{source}: pubsub.subscription: required (a subscription name)")
         if not self.pubsub.project:
             raise ConfigError(
-                f"{source}: pubsub.project: required (set it, GOOGLE_CLOUD_PROJECT, or use a full "
-                "projects/P/subscriptions/S subscription)"
+                f"{source}: pubsub.project: required (set it, GOOGLE_CLOUD_PROJECT, or use a full projects/P/subscriptions/S subscription)"
             )
+
+    def check_task_names(self, names: frozenset[str] | set[str]) -> None:
+        """What `run` and `check-config` both refuse: no tasks at all, or a default that is not one."""
+        if not names:
+            raise ConfigError(f"tasks.modules: no tasks registered by {list(self.tasks.modules)} or entry points")
+        if self.tasks.default and self.tasks.default not in names:
+            raise ConfigError(f"tasks.default: no task named {self.tasks.default!r} (known: {', '.join(sorted(names))})")
 
     def masked(self) -> dict[str, Any]:
         """The effective settings for display: secret-bearing values are masked."""
@@ -246,9 +255,7 @@ def load_settings(path: Path | None) -> Settings:
     except pydantic.ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
     except SettingsError as exc:
-        raise ConfigError(
-            f"environment: {exc}{_cause(exc)}; list values are JSON, e.g. '[\"myapp.tasks\"]'"
-        ) from None
+        raise ConfigError(f"environment: {exc}{_cause(exc)}; list values are JSON, e.g. '[\"myapp.tasks\"]'") from None
     finally:
         _file_data.reset(token)
 
@@ -259,7 +266,7 @@ def _reject_unknown_env_sections() -> None:
     for name in os.environ:
         if not name.upper().startswith(ENV_PREFIX) or name.upper() == "CONSUMERD_CONFIG":
             continue
-        section = name[len(ENV_PREFIX):].split("__")[0].lower()
+        section = name[len(ENV_PREFIX) :].split("__")[0].lower()
         if section not in sections or "__" not in name:
             raise ConfigError(
                 f"environment {name}: unknown setting (expected CONSUMERD_<SECTION>__<KEY> with "

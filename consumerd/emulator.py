@@ -31,9 +31,7 @@ def sdk_root() -> Path:
     candidate = Path(os.path.realpath(gcloud)).parent.parent
     if (candidate / "platform" / "pubsub-emulator").is_dir():
         return candidate
-    out = subprocess.run(
-        [gcloud, "info", "--format=value(installation.sdk_root)"], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([gcloud, "info", "--format=value(installation.sdk_root)"], capture_output=True, text=True, check=True)
     return Path(out.stdout.strip())
 
 

@@ -16,6 +16,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 64  # EX_USAGE: bad command line
     UNAVAILABLE = 69  # EX_UNAVAILABLE: Pub/Sub unreachable at start-up
     SOFTWARE = 70  # EX_SOFTWARE: an internal error we did not expect
+    PROTOCOL = 76  # EX_PROTOCOL: a worker received something that is not a job
     CONFIG = 78  # EX_CONFIG: invalid configuration, task modules or subscription
 
 

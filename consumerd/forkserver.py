@@ -1,16 +1,19 @@
 """The fork server: a small process that preloads task modules and forks workers on request.
 
-Started by exec (never by fork) from the supervisor, before or after its gRPC client exists, so it
-never inherits a gRPC channel; it never imports grpc itself unless a task module does. Forking a
-worker from it costs about a millisecond, so `max_tasks_per_child = 1` stays cheap.
+Started by exec (never by fork) from the supervisor, with `python -I` and the path of the very
+consumerd package the supervisor runs, so neither the environment nor a `consumerd/` directory in
+the working directory can replace its code. It never inherits a gRPC channel and never imports
+grpc itself unless a task module does. Forking a worker from it costs about a millisecond.
 
-Control protocol on a SOCK_SEQPACKET socket, one pickled tuple per packet:
-  supervisor -> here: ("spawn", worker_id)
-  here -> supervisor: ("ready", [task names]) | ("error", text)
-                      ("spawned", worker_id, pid) with the worker's channel fd attached
-                      ("exited", pid, wait_status)
+Control protocol on a SOCK_SEQPACKET socket, one JSON packet each (`protocol.ControlPacket`):
+  supervisor -> here: Spawn(worker_id)
+  here -> supervisor: Ready(tasks) | PreloadFailed(error)
+                      Spawned(worker_id, pid) with the worker's channel fd attached
+                      Exited(pid, wait_status)
 When the supervisor's end closes (it exited or was killed), every worker's process group is killed
-and the fork server exits: orphaned workers never keep running unsupervised.
+and the fork server exits: orphaned workers never keep running unsupervised. It is a subreaper:
+a task's double-forked or setsid() grandchild is reparented here, and any child that is not a
+worker is killed and reaped within SWEEP_INTERVAL.
 """
 
 from __future__ import annotations
@@ -22,18 +25,31 @@ import selectors
 import signal
 import socket
 import sys
-from typing import Any
 
-from .errors import ConfigError, ExitCode
+from .errors import ConfigError, ExitCode, WorkerProtocolError
 from .inbox import drain_fd
 from .logsetup import configure_logging, get_logger
-from .protocol import ForkServerSpec
-from .worker import reset_process_state, serve  # imported here once, not in every forked child
+from .protocol import (
+    MAX_PACKET,
+    ControlPacket,
+    Exited,
+    ForkServerSpec,
+    PreloadFailed,
+    Ready,
+    Spawn,
+    Spawned,
+    decode_control,
+    encode_control,
+)
+from .worker import (  # imported here once, not in every forked child
+    children_of,
+    reset_process_state,
+    serve,
+)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-MAX_PACKET = 64 * 1024
-
+SWEEP_INTERVAL = 0.25  # seconds between looks for escaped grandchildren reparented here
 
 _libc: ctypes.CDLL | None = None
 
@@ -46,8 +62,8 @@ def prctl(option: int, value: int) -> None:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
 
-def send_packet(sock: socket.socket, obj: Any, fds: list[int] | None = None) -> None:
-    data = pickle.dumps(obj)
+def send_packet(sock: socket.socket, packet: ControlPacket, fds: list[int] | None = None) -> None:
+    data = encode_control(packet)
     if fds:
         socket.send_fds(sock, [data], fds)
     else:
@@ -59,25 +75,26 @@ class ForkServer:
         self.control = control
         self.spec = spec
         self.workers: set[int] = set()
-        self.registry: Any = None
+        self.registry: object = None
+        self.selector = selectors.DefaultSelector()
+        self.wake_fds: tuple[int, int] = (-1, -1)
         self.log = get_logger("consumerd.forkserver")
 
     def run(self) -> int:
         if not self.preload():
             return int(ExitCode.CONFIG)
         self.install_signal_handlers()
-        wake_r = self.wakeup_fd()
-        selector = selectors.DefaultSelector()
-        selector.register(self.control, selectors.EVENT_READ, "control")
-        selector.register(wake_r, selectors.EVENT_READ, "sigchld")
+        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self.selector.register(self.wake_fds[0], selectors.EVENT_READ, "sigchld")
         try:
             while True:
-                for key, _ in selector.select():
+                for key, _ in self.selector.select(SWEEP_INTERVAL):
                     if key.data == "sigchld":
-                        drain_fd(wake_r)
-                        self.reap()
+                        drain_fd(self.wake_fds[0])
                     elif not self.handle_request():
                         return 0
+                self.reap()
+                self.kill_strays()
         finally:
             self.kill_all()
 
@@ -88,25 +105,21 @@ class ForkServer:
         try:
             self.registry = load_task_modules(self.spec.modules)
         except ConfigError as exc:
-            send_packet(self.control, ("error", str(exc)))
+            send_packet(self.control, PreloadFailed(str(exc)))
             return False
-        send_packet(self.control, ("ready", [spec.name for spec in self.registry.specs()]))
+        send_packet(self.control, Ready(tuple(spec.name for spec in self.registry.specs())))
         return True
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
         signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the loop via the wake-up fd
-        # Orphans of tasks (double-forked daemons) are reparented here and reaped, never zombies.
+        # Orphans of tasks (double-forked daemons) are reparented here, then killed and reaped.
         prctl(PR_SET_CHILD_SUBREAPER, 1)
-        reset_process_state  # noqa: B018 - imported above so forked workers need no imports
-
-    @staticmethod
-    def wakeup_fd() -> int:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
-        return wake_r
+        self.wake_fds = (wake_r, wake_w)
 
     def handle_request(self) -> bool:
         try:
@@ -115,9 +128,13 @@ class ForkServer:
             return False
         if not packet:
             return False
-        request = pickle.loads(packet)
-        if request[0] == "spawn":
-            self.spawn(request[1])
+        try:
+            request = decode_control(packet)
+        except WorkerProtocolError as exc:
+            self.log.error("forkserver.bad_request", error=str(exc))
+            return False
+        if isinstance(request, Spawn):
+            self.spawn(request.worker_id)
         return True
 
     def spawn(self, worker_id: int) -> None:
@@ -131,25 +148,36 @@ class ForkServer:
         except OSError:
             pass
         self.workers.add(pid)
-        send_packet(self.control, ("spawned", worker_id, pid), [parent_end.fileno()])
+        send_packet(self.control, Spawned(worker_id, pid), [parent_end.fileno()])
         parent_end.close()
         child_end.close()
 
     def become_worker(self, sock: socket.socket) -> None:
-        code = 70
+        code = ExitCode.SOFTWARE
         try:
             os.setpgid(0, 0)
             my_parent = os.getppid()
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != my_parent:  # the fork server died before prctl took effect
-                os._exit(1)
-            self.control.close()
+                os._exit(ExitCode.FAILURE)
+            self.close_inherited()
             reset_process_state()
-            code = serve(sock, self.registry, self.spec.max_tasks_per_child)
+            code = serve(sock, self.registry, self.spec.max_tasks_per_child)  # type: ignore[arg-type]
         except BaseException:  # noqa: BLE001 - a forked child must never return into the server's loop
-            code = 70
+            code = ExitCode.SOFTWARE
         finally:
             os._exit(code)
+
+    def close_inherited(self) -> None:
+        """A worker keeps none of the fork server's descriptors: its control socket, selector, wake pipe."""
+        signal.set_wakeup_fd(-1)
+        self.control.close()
+        self.selector.close()
+        for fd in self.wake_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def reap(self) -> None:
         while True:
@@ -161,7 +189,19 @@ class ForkServer:
                 return
             if pid in self.workers:
                 self.workers.discard(pid)
-                send_packet(self.control, ("exited", pid, status))
+                send_packet(self.control, Exited(pid, status))
+
+    def kill_strays(self) -> None:
+        """Kill every child that is not a worker: a task's grandchild that escaped its process group."""
+        strays = [pid for pid in children_of(os.getpid()) if pid not in self.workers]
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            self.log.warning("task.escaped_child_killed", pid=pid)
+        if strays:
+            self.reap()
 
     def kill_all(self) -> None:
         for pid in self.workers:
@@ -169,11 +209,13 @@ class ForkServer:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
+        self.workers.clear()
+        self.kill_strays()
 
 
 def main() -> int:
     control = socket.socket(fileno=int(sys.argv[1]))
-    spec = pickle.loads(control.recv(MAX_PACKET))
+    spec = pickle.loads(control.recv(MAX_PACKET))  # from the supervisor, which is trusted
     configure_logging(spec.log_format, spec.log_level)
     try:
         return ForkServer(control, spec).run()

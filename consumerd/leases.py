@@ -61,9 +61,7 @@ class LeaseSchedule:
         if not self._leases:
             return None
         if self._next_due is None:
-            self._next_due = min(
-                lease.extended_at + lease.deadline * self._renew_fraction for lease in self._leases.values()
-            )
+            self._next_due = min(lease.extended_at + lease.deadline * self._renew_fraction for lease in self._leases.values())
         return self._next_due
 
     def due(self, now: float) -> list[str]:
@@ -71,11 +69,7 @@ class LeaseSchedule:
         next_due = self.next_due()
         if next_due is None or now < next_due:
             return []
-        return [
-            lease.ack_id
-            for lease in self._leases.values()
-            if now >= lease.extended_at + lease.deadline * self._batch_fraction
-        ]
+        return [lease.ack_id for lease in self._leases.values() if now >= lease.extended_at + lease.deadline * self._batch_fraction]
 
     def renewed(self, ack_ids: Iterable[str], now: float) -> None:
         """Record that ``ack_ids`` were extended by ``ack_deadline`` at ``now``."""
@@ -85,6 +79,11 @@ class LeaseSchedule:
                 lease.extended_at = now
                 lease.deadline = self.ack_deadline
         self._next_due = None
+
+    def expires_at(self, ack_id: str) -> float | None:
+        """When the lease of ``ack_id`` runs out, as far as we asked for; None if not held."""
+        lease = self._leases.get(ack_id)
+        return lease.expires_at if lease is not None else None
 
     def expired(self, now: float) -> list[str]:
         """Leases that ran out (renewals failed, e.g. during an outage): Pub/Sub may redeliver them."""

@@ -25,9 +25,7 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: Text
         return
     use_console = fmt == "console" or (fmt == "auto" and _is_tty(stream))
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer(colors=use_console and _is_tty(stream))
-        if use_console
-        else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=use_console and _is_tty(stream)) if use_console else structlog.processors.JSONRenderer()
     )
     shared: list[structlog.types.Processor] = [
         _add_pid,
@@ -44,7 +42,7 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: Text
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.WriteLoggerFactory(file=_LineFlushingStream(stream)),
+        logger_factory=structlog.WriteLoggerFactory(file=_LineFlushingStream(stream)),  # type: ignore[arg-type]  # a duck-typed TextIO
         cache_logger_on_first_use=False,
     )
     _route_stdlib_logging(shared, renderer, numeric_level, stream)

@@ -1,11 +1,15 @@
-"""Parent side of the workers: start the fork server, spawn, feed, read results, kill, reap.
+"""Parent side of the workers: start the fork server, spawn, feed, read results, time out, kill, reap.
 
 The pool does mechanics only; what a result or an exit means for a message is the supervisor's call.
+It owns every fact about a worker (what it runs, since when, until when, whether it is dying): the
+supervisor asks (`overdue`, `next_deadline`, `running`) instead of reading a worker's fields.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
+import enum
 import itertools
 import os
 import pickle
@@ -14,19 +18,63 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
-from .channel import FrameReader, encode
+from .backlog import InFlight
+from .channel import FrameReader, encode_job, result_reader
+from .config import Settings
 from .errors import ConfigError, ConsumerdError, WorkerProtocolError
-from .forkserver import MAX_PACKET
-from .protocol import ForkServerSpec, Job, Result
+from .protocol import (
+    MAX_PACKET,
+    Exited,
+    ForkServerSpec,
+    Job,
+    Outcome,
+    PreloadFailed,
+    Ready,
+    Result,
+    Spawn,
+    Spawned,
+    decode_control,
+    encode_control,
+)
 
 SEND_TIMEOUT = 30.0  # seconds to hand a job to an idle worker (a 10 MB message takes milliseconds)
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL to a worker's process group
+# The fork server runs the consumerd package the supervisor runs, from its own directory, in
+# isolated mode (-I: no PYTHON* variables, no working directory on sys.path).
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+_BOOTSTRAP = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); from consumerd.forkserver import main; sys.exit(main())"
+
+
+def fork_server_spec(settings: Settings) -> ForkServerSpec:
+    """The fork server imports what the supervisor would: same sys.path, modules and logging."""
+    return ForkServerSpec(
+        sys_path=tuple(sys.path),
+        modules=tuple(settings.tasks.modules),
+        log_format=settings.logging.format,
+        log_level=settings.logging.level,
+        max_tasks_per_child=settings.workers.max_tasks_per_child,
+    )
 
 
 class ForkServerDied(ConsumerdError):
-    """The fork server exited: no worker can be replaced any more."""
+    """The fork server exited or broke the protocol: no worker can be replaced any more."""
+
+
+class KillReason(enum.StrEnum):
+    """Why the supervisor ended a worker; decides what the interrupted message's outcome was."""
+
+    TIMEOUT = "timeout"  # the task ran past its timeout: the task's failure
+    SEND_FAILED = "send_failed"  # the job could not be handed over: a crash
+    PROTOCOL_ERROR = "protocol_error"  # it sent something that is not a result: a crash
+    CHANNEL_CLOSED = "channel_closed"  # it closed its channel mid-task: a crash
+    DRAIN_TIMEOUT = "drain_timeout"  # we are stopping: not the task's failure
+    SECOND_SIGNAL = "second_signal"  # we are stopping: not the task's failure
+    FATAL = "fatal"  # the daemon failed: not the task's failure
+
+
+STOPPING_REASONS = frozenset({KillReason.DRAIN_TIMEOUT, KillReason.SECOND_SIGNAL, KillReason.FATAL})
 
 
 @dataclasses.dataclass(eq=False)
@@ -34,11 +82,14 @@ class WorkerHandle:
     id: int
     pid: int
     sock: socket.socket
-    reader: FrameReader = dataclasses.field(default_factory=FrameReader)
+    reader: FrameReader[Result] = dataclasses.field(default_factory=result_reader)
     job: Job | None = None
+    inflight: InFlight | None = None  # the message the job carries, as the supervisor holds it
     started_at: float = 0.0
+    deadline: float = float("inf")  # started_at + the task's timeout
     tasks_done: int = 0
-    kill_reason: str = ""
+    kill_reason: KillReason | None = None
+    kill_detail: str = ""
     kill_escalate_at: float | None = None
     closed: bool = False
     max_tasks: int = 0  # 0 = unlimited; at the limit the worker exits by itself
@@ -68,20 +119,32 @@ class WorkerStarted:
 @dataclasses.dataclass(frozen=True)
 class WorkerResult:
     worker: WorkerHandle
-    job: Job
+    inflight: InFlight
     result: Result
+    ran_for: float  # seconds from dispatch to result, as the supervisor saw it
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkerExited:
     worker: WorkerHandle
-    job: Job | None  # the job it was running, if any: that message did not succeed
+    inflight: InFlight | None  # the message it was running, if any: that message did not succeed
     status: int  # raw wait status
-    reason: str  # why it ended: a kill reason, or the decoded exit status
+    kill_reason: KillReason | None  # None: it ended by itself
+    reason: str  # for people: the kill detail, or the decoded exit status
+    ran_for: float  # seconds the interrupted job had run (0 without one)
 
     @property
     def exit_code(self) -> int:
         return os.waitstatus_to_exitcode(self.status)
+
+    @property
+    def outcome(self) -> Outcome:
+        """What the death means for the message it ran."""
+        if self.kill_reason is KillReason.TIMEOUT:
+            return Outcome.TIMEOUT
+        if self.kill_reason in STOPPING_REASONS:
+            return Outcome.INTERRUPTED  # we stopped it: not the task's failure
+        return Outcome.CRASH
 
 
 PoolEvent = WorkerStarted | WorkerResult | WorkerExited
@@ -104,7 +167,7 @@ class Pool:
         """Start the fork server, wait until it imported the task modules; return their task names."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._server = subprocess.Popen(
-            [sys.executable, "-m", "consumerd.forkserver", str(theirs.fileno())],
+            [sys.executable, "-I", "-c", _BOOTSTRAP, str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
         )
@@ -113,54 +176,74 @@ class Pool:
         ours.send(pickle.dumps(self.spec))
         ours.settimeout(timeout)
         try:
-            reply = self._recv_control()
+            reply, _ = self._recv_control()
         except (TimeoutError, ConnectionError) as exc:
             raise ForkServerDied(f"fork server did not start: {exc}") from None
         ours.settimeout(None)
-        if reply[0] == "error":
-            raise ConfigError(reply[1])
-        return list(reply[1])
+        if isinstance(reply, PreloadFailed):
+            raise ConfigError(reply.error)
+        if not isinstance(reply, Ready):
+            raise ForkServerDied(f"fork server sent {type(reply).__name__} before Ready")
+        return list(reply.tasks)
 
     @property
     def control_fd(self) -> int:
         assert self._control is not None
         return self._control.fileno()
 
-    def _recv_control(self) -> tuple[Any, ...]:
+    def _recv_control(self) -> tuple[object, int | None]:
+        """One control packet and the descriptor that came with it, if any."""
         assert self._control is not None
-        data, fds, _flags, _addr = socket.recv_fds(self._control, MAX_PACKET, 1)
+        fds = array.array("i")
+        data, ancdata, flags, _ = self._control.recvmsg(MAX_PACKET, socket.CMSG_SPACE(fds.itemsize))
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if flags & socket.MSG_CTRUNC or len(fds) > 1:
+            for fd in fds:
+                os.close(fd)
+            raise ForkServerDied("a worker's channel was lost in transit (MSG_CTRUNC: out of file descriptors?)")
         if not data:
             raise ForkServerDied("fork server exited")
-        packet = pickle.loads(data)
-        if fds:
-            packet = (*packet, fds[0])
-        return packet
+        try:
+            packet = decode_control(data)
+        except WorkerProtocolError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise ForkServerDied(f"fork server broke the protocol: {exc}") from None
+        return packet, (fds[0] if fds else None)
 
-    def read_control(self) -> list[PoolEvent]:
+    def read_control(self, now: float) -> list[PoolEvent]:
         """The fork server has a packet for us: a spawned worker or an exit status."""
-        packet = self._recv_control()
-        if packet[0] == "spawned":
-            return [self._adopt(worker_id=packet[1], pid=packet[2], fd=packet[3])]
-        if packet[0] == "exited":
-            return self._exited(pid=packet[1], status=packet[2])
-        raise ForkServerDied(f"unexpected packet from fork server: {packet[0]!r}")
+        packet, fd = self._recv_control()
+        if isinstance(packet, Spawned) and fd is not None:
+            return [self._adopt(packet.worker_id, packet.pid, fd)]
+        if fd is not None:
+            os.close(fd)
+        if isinstance(packet, Exited):
+            return self._exited(packet.pid, packet.status, now)
+        raise ForkServerDied(f"unexpected packet from the fork server: {type(packet).__name__}")
 
     def _adopt(self, worker_id: int, pid: int, fd: int) -> WorkerStarted:
         self._pending_spawns -= 1
-        sock = socket.socket(fileno=fd)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            raise ForkServerDied(f"the fork server sent a descriptor that is not a socket: {exc}") from None
         sock.setblocking(False)  # one syscall per send/recv on the hot path; see _send
         handle = WorkerHandle(worker_id, pid, sock, max_tasks=self.spec.max_tasks_per_child)
         self.workers[pid] = handle
         return WorkerStarted(handle)
 
-    def _exited(self, pid: int, status: int) -> list[PoolEvent]:
+    def _exited(self, pid: int, status: int, now: float) -> list[PoolEvent]:
         handle = self.workers.pop(pid, None)
         if handle is None:
             return []
         self._close(handle)
         _sweep_process_group(pid)
-        reason = handle.kill_reason or describe_status(status)
-        return [WorkerExited(handle, handle.job, status, reason)]
+        reason = handle.kill_detail or describe_status(status)
+        return [WorkerExited(handle, handle.inflight, status, handle.kill_reason, reason, self._ran_for(handle, now))]
 
     # -- workers ---------------------------------------------------------------------------
     def spawn_missing(self) -> int:
@@ -169,7 +252,7 @@ class Pool:
         live = sum(1 for w in self.workers.values() if w.live)
         missing = self.size - live - self._pending_spawns
         for _ in range(max(0, missing)):
-            self._control.send(pickle.dumps(("spawn", next(self._ids))))
+            self._control.send(encode_control(Spawn(next(self._ids))))
             self._pending_spawns += 1
         return max(0, missing)
 
@@ -182,25 +265,29 @@ class Pool:
             if retired >= surplus:
                 break
             if worker.idle:
-                self.retire(worker)
+                self._close(worker)  # it exits by itself when its channel closes
                 retired += 1
         return retired
 
     def idle_workers(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.idle]
 
+    def running(self) -> list[InFlight]:
+        """The messages workers are running now."""
+        return [w.inflight for w in self.workers.values() if w.inflight is not None]
+
     def busy_count(self) -> int:
         return sum(1 for w in self.workers.values() if w.job is not None)
 
-    def assign(self, worker: WorkerHandle, task: str, message: Any, now: float) -> Job:
-        job = Job(next(self._seq), task, message)
-        worker.job = job
-        worker.started_at = now
+    def assign(self, worker: WorkerHandle, inflight: InFlight, timeout: float, now: float) -> None:
+        job = Job(next(self._seq), inflight.task, inflight.message)
+        worker.job, worker.inflight = job, inflight
+        worker.started_at, worker.deadline = now, now + timeout
+        inflight.worker_pid = worker.pid
         try:
-            _send(worker.sock, encode(job))
+            _send(worker.sock, encode_job(job))
         except OSError as exc:  # died, or stuck not reading: it is killed and the job fails
-            self.kill(worker, f"could not send job: {type(exc).__name__}", now, grace=0)
-        return job
+            self.kill(worker, KillReason.SEND_FAILED, now, f"could not send job: {type(exc).__name__}", grace=0)
 
     def read_worker(self, worker: WorkerHandle, now: float) -> list[PoolEvent]:
         """Results the worker sent; at end of stream or garbage the worker is killed (exit follows)."""
@@ -213,28 +300,52 @@ class Pool:
         if not data:
             self._close(worker)
             if worker.job is not None:  # it crashed, or closed its channel mid-task: make sure it is gone
-                self.kill(worker, "", now, grace=0)  # the exit status will tell why
+                self.kill(worker, KillReason.CHANNEL_CLOSED, now, grace=0)  # the exit status will tell why
             return []
         try:
             worker.reader.feed(data)
-            return [self._result(worker, frame) for frame in _drain_ready(worker.reader)]
+            return [self._result(worker, result, now) for result in worker.reader.take()]
         except WorkerProtocolError as exc:
-            self.kill(worker, f"protocol error: {exc}", now, grace=0)
+            self.kill(worker, KillReason.PROTOCOL_ERROR, now, f"protocol error: {exc}", grace=0)
             return []
 
-    def _result(self, worker: WorkerHandle, frame: Any) -> WorkerResult:
-        job = worker.job
-        if not isinstance(frame, Result) or job is None or frame.seq != job.seq:
-            raise WorkerProtocolError(f"unexpected frame {type(frame).__name__} from worker {worker.pid}")
-        worker.job = None
+    def _result(self, worker: WorkerHandle, result: Result, now: float) -> WorkerResult:
+        job, inflight = worker.job, worker.inflight
+        if job is None or inflight is None or result.seq != job.seq:
+            raise WorkerProtocolError(f"result for job {result.seq} from worker {worker.pid}, which runs no such job")
+        event = WorkerResult(worker, inflight, result, self._ran_for(worker, now))
+        worker.job, worker.inflight, worker.deadline = None, None, float("inf")
         worker.tasks_done += 1
-        return WorkerResult(worker, job, frame)
+        return event
 
-    def kill(self, worker: WorkerHandle, reason: str, now: float, grace: float = KILL_GRACE) -> None:
+    @staticmethod
+    def _ran_for(worker: WorkerHandle, now: float) -> float:
+        return max(0.0, now - worker.started_at) if worker.job is not None else 0.0
+
+    # -- timeouts and kills ------------------------------------------------------------------
+    def overdue(self, now: float) -> list[WorkerHandle]:
+        """Busy workers past their task's timeout that are not being killed yet."""
+        return [w for w in self.workers.values() if w.job is not None and w.kill_escalate_at is None and now >= w.deadline]
+
+    def kill_overdue(self, now: float) -> int:
+        overdue = self.overdue(now)
+        for worker in overdue:
+            timeout = worker.deadline - worker.started_at
+            self.kill(worker, KillReason.TIMEOUT, now, f"timeout after {timeout:g}s")
+        return len(overdue)
+
+    def kill_busy(self, reason: KillReason, now: float, grace: float) -> None:
+        """Stop every worker that runs a task (draining past its deadline, a quick stop)."""
+        for worker in list(self.workers.values()):
+            if worker.job is not None:
+                self.kill(worker, reason, now, reason.value.replace("_", " "), grace=grace)
+
+    def kill(self, worker: WorkerHandle, reason: KillReason, now: float, detail: str = "", grace: float = KILL_GRACE) -> None:
         """Two-stage kill of the worker's whole process group: SIGTERM now, SIGKILL after ``grace``."""
         if worker.kill_escalate_at is not None:
             return
         worker.kill_reason = worker.kill_reason or reason
+        worker.kill_detail = worker.kill_detail or detail
         worker.kill_escalate_at = now + grace
         _signal_group(worker.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
 
@@ -245,12 +356,10 @@ class Pool:
                 worker.kill_escalate_at = float("inf")  # once is enough; the exit event follows
 
     def next_deadline(self) -> float | None:
-        pending = [w.kill_escalate_at for w in self.workers.values() if w.kill_escalate_at not in (None, float("inf"))]
-        return min(pending) if pending else None  # type: ignore[type-var]
-
-    def retire(self, worker: WorkerHandle) -> None:
-        """Close an idle worker's channel: it exits by itself (used to shrink and to stop)."""
-        self._close(worker)
+        """The next moment something is due here: a task's timeout or a kill's escalation."""
+        due = [w.deadline for w in self.workers.values() if w.job is not None and w.kill_escalate_at is None]
+        due += [w.kill_escalate_at for w in self.workers.values() if w.kill_escalate_at is not None and w.kill_escalate_at != float("inf")]
+        return min(due) if due else None
 
     def _close(self, worker: WorkerHandle) -> None:
         if not worker.closed:
@@ -264,6 +373,7 @@ class Pool:
         for worker in list(self.workers.values()):
             self._close(worker)
         if self._control is not None:
+            self._forget(self._control)
             self._control.close()
             self._control = None
         if self._server is not None:
@@ -289,12 +399,6 @@ def _send(sock: socket.socket, data: bytes) -> None:
             sock.setblocking(False)
 
 
-def _drain_ready(reader: FrameReader) -> list[Any]:
-    frames = list(reader.ready)
-    reader.ready.clear()
-    return frames
-
-
 def _signal_group(pgid: int, signum: int) -> None:
     try:
         os.killpg(pgid, signum)
@@ -314,4 +418,3 @@ def describe_status(status: int) -> str:
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exited with code {code}"
-

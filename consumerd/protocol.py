@@ -1,10 +1,46 @@
-"""Immutable records that cross process boundaries between the supervisor, fork server and workers."""
+"""Every record that crosses a process boundary between the supervisor, the fork server and workers.
+
+Trust runs one way. The supervisor is trusted, so what it sends (the fork server's spec, jobs) may be
+pickled. The fork server and the workers run the user's task code (module imports, task functions),
+so what they send back is never unpickled: control packets and results are JSON in a fixed schema,
+size-limited and validated field by field. Anything else is a `WorkerProtocolError`, which the
+supervisor treats as a crashed worker (or a failed fork server), never as an exception in its loop.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import json
+import math
+from typing import Any
 
+from .errors import WorkerProtocolError
 from .message import Message
+
+MAX_PACKET = 64 * 1024  # one control packet (SOCK_SEQPACKET), either direction
+MAX_RESULT_FRAME = 64 * 1024  # one result frame from a worker; larger is a protocol error
+MAX_ERROR_CHARS = 4096  # a worker cuts the error text to this before sending
+MAX_TASKS = 10_000  # task names a fork server may announce
+
+
+class Outcome(enum.StrEnum):
+    """How one attempt at a message ended."""
+
+    SUCCESS = "success"
+    ERROR = "error"  # the task raised
+    CRASH = "crash"  # its worker died (or broke the protocol)
+    TIMEOUT = "timeout"  # killed at task_timeout
+    RETRY = "retry"  # the task raised Retry(after=...)
+    REJECT = "reject"  # the task raised Reject (or a PayloadError)
+    UNKNOWN_TASK = "unknown_task"
+    TOO_LARGE = "too_large"
+    INTERRUPTED = "interrupted"  # we stopped it (shutdown): not the task's doing
+    SHUTDOWN = "shutdown"
+
+
+# What a worker may report; the rest are decided by the supervisor alone.
+WORKER_OUTCOMES = frozenset({Outcome.SUCCESS, Outcome.ERROR, Outcome.RETRY, Outcome.REJECT, Outcome.UNKNOWN_TASK})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -28,11 +64,132 @@ class Job:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Result:
     seq: int
-    outcome: str  # delivery.SUCCESS, ERROR, RETRY or REJECT
+    outcome: Outcome  # one of WORKER_OUTCOMES
     duration: float  # seconds the task function ran, measured in the worker
     error: str = ""  # "ExceptionType: text" when not a success
-    retry_after: float | None = None  # with RETRY: the delay the task asked for
+    retry_after: float | None = None  # with RETRY: the delay the task asked for (finite, >= 0)
 
-    @property
-    def ok(self) -> bool:
-        return self.outcome == "success"
+    def encode(self) -> bytes:
+        row = [self.seq, self.outcome.value, self.duration, self.error[:MAX_ERROR_CHARS], self.retry_after]
+        return json.dumps(row, allow_nan=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Result:
+        """Parse and validate one result frame; anything off raises WorkerProtocolError."""
+        row = _json(payload)
+        if not (isinstance(row, list) and len(row) == 5):
+            raise WorkerProtocolError("result: expected [seq, outcome, duration, error, retry_after]")
+        seq, outcome, duration, error, retry_after = row
+        if not (_is_int(seq) and seq > 0):
+            raise WorkerProtocolError("result: seq must be a positive integer")
+        if outcome not in WORKER_OUTCOMES:
+            raise WorkerProtocolError(f"result: outcome {str(outcome)[:40]!r} is not one a worker reports")
+        if not (_is_number(duration) and duration >= 0):
+            raise WorkerProtocolError("result: duration must be a number >= 0")
+        if not (isinstance(error, str) and len(error) <= MAX_ERROR_CHARS):
+            raise WorkerProtocolError(f"result: error must be text of at most {MAX_ERROR_CHARS} characters")
+        if retry_after is not None and not (_is_number(retry_after) and retry_after >= 0):
+            raise WorkerProtocolError("result: retry_after must be a number >= 0 or null")
+        return cls(seq, Outcome(outcome), float(duration), error, None if retry_after is None else float(retry_after))
+
+
+# -- fork server control packets ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Spawn:
+    """supervisor -> fork server: fork one more worker."""
+
+    worker_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ready:
+    """fork server -> supervisor: the task modules imported; these tasks exist."""
+
+    tasks: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PreloadFailed:
+    """fork server -> supervisor: importing the task modules failed (a config error)."""
+
+    error: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Spawned:
+    """fork server -> supervisor: a worker was forked; its channel fd travels with the packet."""
+
+    worker_id: int
+    pid: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Exited:
+    """fork server -> supervisor: a worker ended with this raw wait status."""
+
+    pid: int
+    status: int
+
+
+ControlPacket = Spawn | Ready | PreloadFailed | Spawned | Exited
+_KINDS: dict[str, type[ControlPacket]] = {
+    "spawn": Spawn,
+    "ready": Ready,
+    "preload_failed": PreloadFailed,
+    "spawned": Spawned,
+    "exited": Exited,
+}
+_KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
+
+
+def encode_control(packet: ControlPacket) -> bytes:
+    fields = {f.name: getattr(packet, f.name) for f in dataclasses.fields(packet)}
+    data = json.dumps({"kind": _KIND_OF[type(packet)], **fields}, separators=(",", ":")).encode()
+    if len(data) > MAX_PACKET:
+        raise ValueError(f"control packet of {len(data)} bytes exceeds {MAX_PACKET}")
+    return data
+
+
+def decode_control(payload: bytes) -> ControlPacket:
+    """Parse and validate one control packet; anything off raises WorkerProtocolError."""
+    obj = _json(payload)
+    if not isinstance(obj, dict) or obj.get("kind") not in _KINDS:
+        raise WorkerProtocolError("control packet: unknown kind")
+    kind = obj.pop("kind")
+    if kind == "ready":
+        tasks = obj.get("tasks")
+        if not (isinstance(tasks, list) and len(tasks) <= MAX_TASKS and all(isinstance(t, str) for t in tasks)):
+            raise WorkerProtocolError("control packet ready: tasks must be a list of names")
+        if set(obj) != {"tasks"}:
+            raise WorkerProtocolError("control packet ready: unexpected fields")
+        return Ready(tuple(tasks))
+    if kind == "preload_failed":
+        if set(obj) != {"error"} or not isinstance(obj["error"], str):
+            raise WorkerProtocolError("control packet preload_failed: error must be text")
+        return PreloadFailed(obj["error"][:MAX_ERROR_CHARS])
+    cls = _KINDS[kind]
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(obj) != names or not all(_is_int(v) for v in obj.values()):
+        raise WorkerProtocolError(f"control packet {kind}: expected integer fields {sorted(names)}")
+    return cls(**obj)
+
+
+def _json(payload: bytes) -> Any:
+    try:
+        return json.loads(payload, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise WorkerProtocolError(f"undecodable frame: {type(exc).__name__}") from None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)) and math.isfinite(value)

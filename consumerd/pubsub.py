@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import grpc
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
+from google.protobuf import empty_pb2
 from google.pubsub_v1 import PublisherClient as GapicPublisher
 from google.pubsub_v1 import SubscriberClient as GapicSubscriber
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 from google.pubsub_v1.types import pubsub as types
-from google.protobuf import empty_pb2
 
+from .backoff import Backoff
 from .config import PubSubSettings
-from .errors import ConfigError
+from .errors import ConfigError, ConsumerdError, PubSubUnavailable
 from .message import Message
 
 CHANNEL_OPTIONS = [
@@ -96,7 +99,7 @@ class _HotPath:
     def __init__(self, channel: grpc.Channel, subscription: str) -> None:
         self.metadata = (("x-goog-request-params", f"subscription={subscription}"),)
 
-        def stub(method: str, request: type, response: type) -> grpc.UnaryUnaryMultiCallable:
+        def stub(method: str, request: Any, response: Any) -> grpc.UnaryUnaryMultiCallable:
             return channel.unary_unary(
                 f"/google.pubsub.v1.Subscriber/{method}",
                 request_serializer=request.SerializeToString,
@@ -133,7 +136,7 @@ class PubSub:
     @property
     def hot(self) -> _HotPath:
         if self._hot is None:
-            self._hot = _HotPath(self.subscriber.transport.grpc_channel, self.subscription)
+            self._hot = _HotPath(self.subscriber.transport.grpc_channel, self.subscription)  # type: ignore[attr-defined]
         return self._hot
 
     @property
@@ -142,7 +145,7 @@ class PubSub:
             self._publisher = GapicPublisher(transport=PublisherGrpcTransport(channel=self._channel(PublisherGrpcTransport)))
         return self._publisher
 
-    def _channel(self, transport: type) -> grpc.Channel:
+    def _channel(self, transport: Any) -> grpc.Channel:
         if self.settings.emulator_host:
             return grpc.insecure_channel(self.settings.emulator_host, options=CHANNEL_OPTIONS)
         return transport.create_channel(credentials=self._credentials(), options=CHANNEL_OPTIONS)
@@ -154,9 +157,7 @@ class PubSub:
         from google.oauth2 import service_account
 
         try:
-            return service_account.Credentials.from_service_account_file(
-                str(path), scopes=["https://www.googleapis.com/auth/pubsub"]
-            )
+            return service_account.Credentials.from_service_account_file(str(path), scopes=["https://www.googleapis.com/auth/pubsub"])
         except FileNotFoundError:
             raise ConfigError(f"pubsub.credentials_file: {path}: file not found") from None
         except PermissionError:
@@ -176,13 +177,10 @@ class PubSub:
     def describe_subscription(self) -> SubscriptionInfo:
         """Raises ConfigError if it does not exist; transient errors propagate for the caller to retry."""
         try:
-            sub = self.subscriber.get_subscription(
-                request={"subscription": self.subscription}, timeout=RPC_TIMEOUT, retry=None
-            )
+            sub = self.subscriber.get_subscription(request={"subscription": self.subscription}, timeout=RPC_TIMEOUT, retry=None)
         except gexc.NotFound:
             raise ConfigError(
-                f"pubsub.subscription: {self.subscription} does not exist "
-                "(create it with `consumerd setup`; `run` never creates anything)"
+                f"pubsub.subscription: {self.subscription} does not exist (create it with `consumerd setup`; `run` never creates anything)"
             ) from None
         except (gexc.PermissionDenied, gexc.Unauthenticated) as exc:
             raise ConfigError(f"pubsub.subscription: {self.subscription}: access denied: {exc.message}") from None
@@ -211,7 +209,7 @@ class PubSub:
         for batch in _batches(ack_ids):
             self.rpcs.add("ack")
             request = types.AcknowledgeRequest.pb()(subscription=self.subscription, ack_ids=batch)
-            failures.update(_per_ack_id(lambda: hot.call(hot.ack, request, ACK_TIMEOUT)))
+            failures.update(_per_ack_id(functools.partial(hot.call, hot.ack, request, ACK_TIMEOUT)))
         return failures
 
     def modack(self, ack_ids: Sequence[str], seconds: int) -> dict[str, str]:
@@ -220,10 +218,8 @@ class PubSub:
         failures: dict[str, str] = {}
         for batch in _batches(ack_ids):
             self.rpcs.add("modack")
-            request = types.ModifyAckDeadlineRequest.pb()(
-                subscription=self.subscription, ack_ids=batch, ack_deadline_seconds=seconds
-            )
-            failures.update(_per_ack_id(lambda: hot.call(hot.modack, request, ACK_TIMEOUT)))
+            request = types.ModifyAckDeadlineRequest.pb()(subscription=self.subscription, ack_ids=batch, ack_deadline_seconds=seconds)
+            failures.update(_per_ack_id(functools.partial(hot.call, hot.modack, request, ACK_TIMEOUT)))
         return failures
 
     def publish(self, topic: str, data: bytes, attributes: Mapping[str, str]) -> str:
@@ -302,9 +298,7 @@ def _batches(ack_ids: Sequence[str]) -> list[Sequence[str]]:
 def _received(raw: object, subscription: str) -> Received:
     msg = raw.message  # type: ignore[attr-defined]
     publish_time = (
-        datetime.datetime.fromtimestamp(msg.publish_time.seconds, tz=datetime.timezone.utc).replace(
-            microsecond=msg.publish_time.nanos // 1000
-        )
+        datetime.datetime.fromtimestamp(msg.publish_time.seconds, tz=datetime.UTC).replace(microsecond=msg.publish_time.nanos // 1000)
         if msg.HasField("publish_time")
         else None
     )
@@ -322,3 +316,45 @@ def _received(raw: object, subscription: str) -> Received:
     )
 
 
+def connect(
+    pubsub: PubSub,
+    startup_timeout: float,
+    clock: Callable[[], float],
+    wait_or_stop: Callable[[float], bool],
+    log: Any,
+) -> SubscriptionInfo | None:
+    """Describe the subscription, retrying while Pub/Sub is unreachable for up to ``startup_timeout``.
+
+    None when ``wait_or_stop`` reports a stop request while waiting; PubSubUnavailable after the
+    timeout; ConfigError (not retried) when the subscription does not exist or access is denied.
+    """
+    give_up_at = clock() + startup_timeout
+    backoff = Backoff(base=0.5, cap=5.0)
+    attempt = 0
+    while True:
+        try:
+            info = pubsub.describe_subscription()
+            break
+        except ConsumerdError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - retried, then reported as unavailable
+            attempt += 1
+            if not is_transient(exc) or clock() >= give_up_at:
+                first_line = str(exc).splitlines()[0] if str(exc) else ""
+                raise PubSubUnavailable(
+                    f"Pub/Sub unreachable for {pubsub.subscription} after {attempt} attempts "
+                    f"(pubsub.startup_timeout): {type(exc).__name__}: {first_line}"[:500]
+                ) from None
+            delay = backoff.delay(attempt)
+            log.warning("pubsub.unreachable", error=type(exc).__name__, attempt=attempt, retry_in_s=round(delay, 2))
+            if wait_or_stop(delay):
+                return None
+    log.info(
+        "pubsub.subscribed",
+        subscription=info.path,
+        ack_deadline=info.ack_deadline,
+        dead_letter=bool(info.dead_letter_topic),
+        exactly_once=info.exactly_once,
+        ordering=info.ordering,
+    )
+    return info

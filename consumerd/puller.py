@@ -84,9 +84,7 @@ class Puller:
                 attempt += 1
                 delay = self._backoff.delay(attempt)
                 level = "warning" if self._is_transient(exc) else "error"
-                getattr(self.log, level)(
-                    "pubsub.pull_failed", error=_describe(exc), attempt=attempt, retry_in_s=round(delay, 3)
-                )
+                getattr(self.log, level)("pubsub.pull_failed", error=_describe(exc), attempt=attempt, retry_in_s=round(delay, 3))
                 with self._cond:
                     self._cond.wait_for(lambda: self._stopping, timeout=delay)
         return None

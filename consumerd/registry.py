@@ -33,9 +33,7 @@ class Registry:
             raise RegistryError(f"task name must be a non-empty string, got {name!r} for {_origin(func)}")
         existing = self._tasks.get(name)
         if existing is not None and existing.func is not func:
-            raise RegistryError(
-                f"task {name!r} is registered twice: {existing.origin} and {_origin(func)}"
-            )
+            raise RegistryError(f"task {name!r} is registered twice: {existing.origin} and {_origin(func)}")
         self._tasks[name] = TaskSpec(name, func, _origin(func))
 
     def get(self, name: str) -> TaskSpec | None:
@@ -88,9 +86,7 @@ def _import(module: str, *, where: str) -> None:
     except ModuleNotFoundError as exc:
         raise RegistryError(f"{where}: cannot import {module!r}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any error in user code at import is a config error
-        raise RegistryError(
-            f"{where}: importing {module!r} failed: {type(exc).__name__}: {exc}"
-        ) from None
+        raise RegistryError(f"{where}: importing {module!r} failed: {type(exc).__name__}: {exc}") from None
 
 
 def _origin(func: TaskFunc) -> str:

@@ -1,7 +1,9 @@
 """Child side of a worker: run one task per job received, report the result, exit when told.
 
 A worker is forked by the fork server (which never imports grpc), runs in its own process group so
-a task's own children die with it, and never talks to Pub/Sub: only the supervisor acks.
+a task's own children die with it, and never talks to Pub/Sub: only the supervisor acks. This is
+the boundary between task code and consumerd: whatever a task raises or returns is turned into a
+`Result` of fixed shape here (an invalid `Retry` delay becomes an ordinary failure).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import random
 import signal
 import socket
 import time
+from typing import Any
 
-from . import delivery
-from .channel import FrameReader, encode, recv_frame
-from .errors import Reject, Retry
+from .channel import encode_result, job_reader, recv_frame
+from .delivery import valid_retry_after
+from .errors import ExitCode, Reject, Retry
 from .logsetup import get_logger
-from .protocol import Job, Result
+from .protocol import MAX_ERROR_CHARS, Job, Outcome, Result
 from .registry import Registry
 
 
@@ -30,36 +33,32 @@ def reset_process_state() -> None:
     random.seed()
 
 
-def serve(sock: socket.socket, registry: Registry, max_tasks: int) -> int:
+def serve(sock: socket.socket, registry: Registry, max_tasks: int) -> ExitCode:
     """Run jobs until the supervisor closes the channel or ``max_tasks`` were run; return the exit code."""
     log = get_logger("consumerd.worker")
-    reader = FrameReader()
+    reader = job_reader()
     done = 0
     while max_tasks == 0 or done < max_tasks:
         job = recv_frame(sock, reader)
         if job is None:
-            return 0
+            return ExitCode.OK
         if not isinstance(job, Job):
             log.error("worker.bad_job", received=type(job).__name__)
-            return 2
+            return ExitCode.PROTOCOL
         result = run_job(job, registry, log)
         sweep_children(log, job)  # before the result: the supervisor may close us right after it
-        sock.sendall(encode(result))
+        sock.sendall(encode_result(result))
         done += 1
-    return 0
+    return ExitCode.OK
 
 
-def sweep_children(log: object, job: Job) -> None:
+def sweep_children(log: Any, job: Job) -> None:
     """Kill what the task left running and reap it: children must not outlive their task.
 
     Direct children are listed by /proc (no scan of every process); a double-forked grandchild is
-    reparented to the fork server, a subreaper, and dies with this worker's process group.
+    reparented to the fork server, a subreaper, which kills every child that is not a worker.
     """
-    try:
-        with open(f"/proc/self/task/{os.getpid()}/children") as handle:
-            children = [int(pid) for pid in handle.read().split()]
-    except OSError:
-        children = []
+    children = children_of(os.getpid())
     for pid in children:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -67,7 +66,7 @@ def sweep_children(log: object, job: Job) -> None:
         except (ProcessLookupError, ChildProcessError):
             pass
     if children:
-        log.warning("task.left_children", message_id=job.message.message_id, task=job.task, killed=len(children))  # type: ignore[attr-defined]
+        log.warning("task.left_children", message_id=job.message.message_id, task=job.task, killed=len(children))
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -77,25 +76,55 @@ def sweep_children(log: object, job: Job) -> None:
             return
 
 
-def run_job(job: Job, registry: Registry, log: object) -> Result:
+def children_of(pid: int) -> list[int]:
+    """Direct children of the single-threaded process ``pid`` (this one), from /proc: no scan."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(child) for child in handle.read().split()]
+    except OSError:
+        return []
+
+
+def run_job(job: Job, registry: Registry, log: Any) -> Result:
     spec = registry.get(job.task)
     if spec is None:  # the supervisor checks names first; this is a second line of defence
-        return Result(job.seq, delivery.UNKNOWN_TASK, 0.0, f"unknown task {job.task!r}")
+        return Result(job.seq, Outcome.UNKNOWN_TASK, 0.0, f"unknown task {job.task!r}")
     started = time.monotonic()
     try:
         spec.func(job.message)
     except Retry as exc:
-        return Result(job.seq, delivery.RETRY, time.monotonic() - started, str(exc), retry_after=exc.after)
+        return retry_result(job, exc, time.monotonic() - started, log)
     except Reject as exc:
-        return Result(job.seq, delivery.REJECT, time.monotonic() - started, f"{type(exc).__name__}: {exc}")
-    except BaseException as exc:  # noqa: BLE001 - the worker's boundary: any raise is a task failure
+        return Result(job.seq, Outcome.REJECT, time.monotonic() - started, describe(exc))
+    except BaseException as exc:
         duration = time.monotonic() - started
-        log.warning(  # type: ignore[attr-defined]
+        log.warning(
             "task.raised",
             message_id=job.message.message_id,
             task=job.task,
             duration_ms=round(duration * 1000, 3),
             exc_info=exc,
         )
-        return Result(job.seq, delivery.ERROR, duration, f"{type(exc).__name__}: {exc}")
-    return Result(job.seq, delivery.SUCCESS, time.monotonic() - started)
+        return Result(job.seq, Outcome.ERROR, duration, describe(exc))
+    return Result(job.seq, Outcome.SUCCESS, time.monotonic() - started)
+
+
+def retry_result(job: Job, exc: Retry, duration: float, log: Any) -> Result:
+    """`Retry(after=...)` with a delay that is not a finite number >= 0 is an ordinary failure."""
+    after = getattr(exc, "after", None)
+    if valid_retry_after(after):
+        return Result(job.seq, Outcome.RETRY, duration, describe(exc, with_type=False), retry_after=float(after))  # type: ignore[arg-type]
+    error = f"Retry(after={after!r}): the delay must be a finite number >= 0"[:MAX_ERROR_CHARS]
+    log.warning("task.bad_retry", message_id=job.message.message_id, task=job.task, error=error)
+    return Result(job.seq, Outcome.ERROR, duration, error)
+
+
+def describe(exc: BaseException, *, with_type: bool = True) -> str:
+    """``Type: text`` cut to MAX_ERROR_CHARS; never fails, whatever the exception's __str__ does."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - a task's exception may break even its own __str__
+        text = "<unprintable>"
+    if with_type:
+        text = f"{type(exc).__name__}: {text}"
+    return text[:MAX_ERROR_CHARS]

@@ -17,7 +17,10 @@ def test_chaos_soak_loses_nothing(tmp_path):
     out = tmp_path / "chaos.json"
     proc = subprocess.run(
         [sys.executable, "-m", "chaos", "--messages", "1000", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -12,13 +12,14 @@ import time
 import pytest
 
 from consumerd.emulator import free_port
-from consumerd.procinfo import alive, descendants, status_kb
+from harness.procinfo import alive, descendants, status_kb
 from tests.support.daemon import REPO, NotifySocket, daemon_env
 
 pytestmark = pytest.mark.integration
 
 
 # -- messages ----------------------------------------------------------------------------------
+
 
 def test_empty_and_10mb_and_odd_attribute_messages_are_processed(broker, topic_sub, make_daemon, ledger):
     topic, sub = topic_sub()
@@ -53,6 +54,7 @@ def test_payloads_are_never_logged(broker, topic_sub, make_daemon):
 
 
 # -- processes ---------------------------------------------------------------------------------
+
 
 def test_garbage_on_the_result_channel_kills_the_worker_and_retries(broker, topic_sub, make_daemon, ledger):
     topic, sub = topic_sub()
@@ -115,12 +117,19 @@ def test_1000_crashing_tasks_leak_no_fds_zombies_or_memory(broker, topic_sub, ma
 
 # -- Pub/Sub and signals -----------------------------------------------------------------------
 
+
 def _run_against(tmp_path, host, extra_toml="", timeout=60, send=None):
     config = tmp_path / "c.toml"
-    config.write_text(f'[pubsub]\nsubscription = "jobs"\n{extra_toml}[tasks]\nmodules = ["tests.support.tasks"]\n[logging]\nformat = "json"\n')
+    config.write_text(
+        f'[pubsub]\nsubscription = "jobs"\n{extra_toml}[tasks]\nmodules = ["tests.support.tasks"]\n[logging]\nformat = "json"\n'
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "consumerd", "run", "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon_env(host, tmp_path), cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=daemon_env(host, tmp_path),
+        cwd=REPO,
     )
     if send:
         send(proc)

@@ -11,9 +11,10 @@ import time
 
 import pytest
 
+from consumerd.backlog import InFlight
 from consumerd.message import Message
-from consumerd.pool import Pool, WorkerExited, WorkerResult, WorkerStarted
-from consumerd.protocol import ForkServerSpec
+from consumerd.pool import KillReason, Pool, WorkerExited, WorkerResult, WorkerStarted
+from consumerd.protocol import ForkServerSpec, Outcome
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +42,12 @@ def pool(tmp_path, monkeypatch):
         p.stop()
 
 
+def job(pool: Pool, worker, task: str, msg: Message, timeout: float = 60.0) -> InFlight:
+    inflight = InFlight(f"ack-{msg.message_id}", msg, task, 1, time.monotonic())
+    pool.assign(worker, inflight, timeout, time.monotonic())
+    return inflight
+
+
 def pump(pool: Pool, until, timeout: float = 20.0) -> list:
     """Read pool events until ``until(events)`` holds."""
     events: list = []
@@ -51,7 +58,7 @@ def pump(pool: Pool, until, timeout: float = 20.0) -> list:
         ready, _, _ = select.select(list(fds), [], [], 0.2)
         for fd in ready:
             worker = fds[fd]
-            events += pool.read_control() if worker is None else pool.read_worker(worker, time.monotonic())
+            events += pool.read_control(time.monotonic()) if worker is None else pool.read_worker(worker, time.monotonic())
         pool.escalate_kills(time.monotonic())
     return events
 
@@ -78,18 +85,20 @@ def test_workers_start_in_their_own_process_groups_and_run_jobs(pool):
     for worker in p.workers.values():
         assert os.getpgid(worker.pid) == worker.pid
     worker = p.idle_workers()[0]
-    job = p.assign(worker, "ok", message("m1"), time.monotonic())
+    inflight = job(p, worker, "ok", message("m1"))
     [result] = [e for e in pump(p, of_type(WorkerResult)) if isinstance(e, WorkerResult)]
-    assert result.job == job and result.result.ok and worker.idle
+    assert result.inflight is inflight and result.result.outcome is Outcome.SUCCESS and worker.idle
 
 
 def test_a_crashing_worker_reports_its_exit_status_and_job(pool):
     p = pool(size=1)
     pump(p, started(1))
     [worker] = p.idle_workers()
-    job = p.assign(worker, "exit_once", message("m2"), time.monotonic())
+    inflight = job(p, worker, "exit_once", message("m2"))
     [exited] = [e for e in pump(p, of_type(WorkerExited)) if isinstance(e, WorkerExited)]
-    assert exited.job == job and exited.reason == "exited with code 1" and exited.exit_code == 1
+    assert (
+        exited.inflight is inflight and exited.outcome is Outcome.CRASH and exited.reason == "exited with code 1" and exited.exit_code == 1
+    )
     assert p.spawn_missing() == 1  # the pool asks for a replacement
 
 
@@ -97,11 +106,14 @@ def test_kill_is_two_stage_and_names_the_reason(pool):
     p = pool(size=1)
     pump(p, started(1))
     [worker] = p.idle_workers()
-    p.assign(worker, "sleep", message("m3", b'{"seconds": 600}'), time.monotonic())
-    time.sleep(0.2)
-    p.kill(worker, "timeout after 1s", time.monotonic(), grace=0.5)
+    job(p, worker, "sleep", message("m3", b'{"seconds": 600}'), timeout=0.2)
+    time.sleep(0.3)
+    assert p.overdue(time.monotonic()) == [worker]
+    p.kill_overdue(time.monotonic())
+    assert p.overdue(time.monotonic()) == []  # being killed: not overdue twice
     [exited] = [e for e in pump(p, of_type(WorkerExited)) if isinstance(e, WorkerExited)]
-    assert exited.reason == "timeout after 1s" and exited.exit_code == -signal.SIGTERM
+    assert exited.reason == "timeout after 0.2s" and exited.exit_code == -signal.SIGTERM
+    assert exited.kill_reason is KillReason.TIMEOUT and exited.outcome is Outcome.TIMEOUT
 
 
 def test_max_tasks_per_child_1_forks_a_fresh_worker_per_job(pool):
@@ -111,7 +123,7 @@ def test_max_tasks_per_child_1_forks_a_fresh_worker_per_job(pool):
         pump(p, lambda events: bool(p.idle_workers()))
         [worker] = p.idle_workers()
         pids.append(worker.pid)
-        p.assign(worker, "ok", message(f"m{i}"), time.monotonic())
+        job(p, worker, "ok", message(f"m{i}"))
         assert not worker.idle and not worker.live or worker.job is not None
         pump(p, of_type(WorkerResult))
         assert worker.exhausted and not worker.idle
@@ -123,7 +135,7 @@ def test_stopping_the_pool_kills_workers_mid_task(pool):
     p = pool(size=1)
     pump(p, started(1))
     [worker] = p.idle_workers()
-    p.assign(worker, "sleep", message("m4", b'{"seconds": 600}'), time.monotonic())
+    job(p, worker, "sleep", message("m4", b'{"seconds": 600}'))
     p.stop()
     deadline = time.monotonic() + 10
     while alive(worker.pid):

@@ -47,7 +47,11 @@ def test_toml_syntax_error_names_line_and_column(tmp_path, emulator):
 
 
 def test_missing_subscription_exits_78_without_pulling(tmp_path, emulator):
-    result = run_consumerd(tmp_path, emulator.host, {"pubsub": {"subscription": "does-not-exist"}, "tasks": {"modules": ["consumerd.demo"]}, "logging": {"format": "json"}})
+    result = run_consumerd(
+        tmp_path,
+        emulator.host,
+        {"pubsub": {"subscription": "does-not-exist"}, "tasks": {"modules": ["consumerd.demo"]}, "logging": {"format": "json"}},
+    )
     assert_config_error(result, "does-not-exist", "does not exist")
     assert '"daemon.ready"' not in result.stdout
 
@@ -58,20 +62,27 @@ def test_task_module_that_fails_to_import_exits_78(tmp_path, emulator):
 
 
 def test_default_task_must_exist(tmp_path, emulator):
-    result = run_consumerd(tmp_path, emulator.host, {"pubsub": {"subscription": "jobs"}, "tasks": {"modules": ["consumerd.demo"], "default": "nope"}})
+    result = run_consumerd(
+        tmp_path, emulator.host, {"pubsub": {"subscription": "jobs"}, "tasks": {"modules": ["consumerd.demo"], "default": "nope"}}
+    )
     assert_config_error(result, "tasks.default", "nope")
 
 
 def test_missing_config_file_exits_78(tmp_path, emulator):
     result = subprocess.run(
         [sys.executable, "-m", "consumerd", "run", "--config", str(tmp_path / "absent.toml")],
-        capture_output=True, text=True, timeout=60, env=daemon_env(emulator.host, tmp_path), cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=daemon_env(emulator.host, tmp_path),
+        cwd=REPO,
     )
     assert_config_error(result, "absent.toml", "not found")
 
 
 def test_check_config_prints_effective_settings(tmp_path, emulator):
-    result = run_consumerd(tmp_path, emulator.host, {"pubsub": {"subscription": "jobs"}, "workers": {"concurrency": 3}}, "check-config")
+    settings = {"pubsub": {"subscription": "jobs"}, "workers": {"concurrency": 3}, "tasks": {"modules": ["consumerd.demo"]}}
+    result = run_consumerd(tmp_path, emulator.host, settings, "check-config")
     assert result.returncode == 0, result.stderr
     assert '"concurrency": 3' in result.stdout and '"project": "test-project"' in result.stdout
 
@@ -87,11 +98,19 @@ def test_tasks_lists_names_and_origins(tmp_path, emulator):
 def _fake_key(path, secret):
     import json
 
-    path.write_text(json.dumps({
-        "type": "service_account", "project_id": "p", "private_key_id": "k1",
-        "private_key": f"-----BEGIN PRIVATE KEY-----\\n{secret}\\n-----END PRIVATE KEY-----\\n",
-        "client_email": "x@p.iam.gserviceaccount.com", "client_id": "1", "token_uri": "https://oauth2.googleapis.com/token",
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "p",
+                "private_key_id": "k1",
+                "private_key": f"-----BEGIN PRIVATE KEY-----\\n{secret}\\n-----END PRIVATE KEY-----\\n",
+                "client_email": "x@p.iam.gserviceaccount.com",
+                "client_id": "1",
+                "token_uri": "https://oauth2.googleapis.com/token",
+            }
+        )
+    )
 
 
 def test_credentials_are_never_printed_and_loose_permissions_are_warned(tmp_path, emulator):
@@ -99,8 +118,11 @@ def test_credentials_are_never_printed_and_loose_permissions_are_warned(tmp_path
     key = tmp_path / "key.json"
     _fake_key(key, secret)
     key.chmod(0o644)
-    settings = {"pubsub": {"subscription": "does-not-exist", "credentials_file": str(key)},
-                "tasks": {"modules": ["consumerd.demo"]}, "logging": {"format": "json"}}
+    settings = {
+        "pubsub": {"subscription": "does-not-exist", "credentials_file": str(key)},
+        "tasks": {"modules": ["consumerd.demo"]},
+        "logging": {"format": "json"},
+    }
     checked = run_consumerd(tmp_path, emulator.host, settings, "check-config")
     assert checked.returncode == 0 and "contents not shown" in checked.stdout
     ran = run_consumerd(tmp_path, emulator.host, settings)
@@ -111,12 +133,15 @@ def test_credentials_are_never_printed_and_loose_permissions_are_warned(tmp_path
 
 
 def test_unreadable_or_missing_credentials_exit_78(tmp_path, emulator):
-    settings = {"pubsub": {"subscription": "jobs", "credentials_file": str(tmp_path / "absent.json"), "emulator_host": ""},
-                "tasks": {"modules": ["consumerd.demo"]}}
+    settings = {
+        "pubsub": {"subscription": "jobs", "credentials_file": str(tmp_path / "absent.json"), "emulator_host": ""},
+        "tasks": {"modules": ["consumerd.demo"]},
+    }
     config = tmp_path / "bad.toml"
     config.write_text(toml(settings))
     env = daemon_env(emulator.host, tmp_path)
     env.pop("PUBSUB_EMULATOR_HOST")  # a real-service configuration: the key must be loaded
-    result = subprocess.run([sys.executable, "-m", "consumerd", "run", "--config", str(config)],
-                            capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "consumerd", "run", "--config", str(config)], capture_output=True, text=True, timeout=60, env=env, cwd=REPO
+    )
     assert_config_error(result, "pubsub.credentials_file", "absent.json", "not found")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -23,9 +24,19 @@ PROJECT = "test-project"
 class Daemon:
     """`python -m consumerd run` with its stdout parsed into events a test can wait for."""
 
-    def __init__(self, config: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        config: Path,
+        env: dict[str, str],
+        command: list[str] | None = None,
+        cwd: Path = REPO,
+        nofile: int | None = None,
+    ) -> None:
         self.config = config
         self.env = env
+        self.command = command or [sys.executable, "-m", "consumerd"]
+        self.cwd = cwd
+        self.nofile = nofile  # RLIMIT_NOFILE (soft and hard) for the daemon
         self.events: list[Event] = []
         self.raw: list[str] = []
         self.stderr = ""
@@ -34,17 +45,21 @@ class Daemon:
 
     def start(self) -> Daemon:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "consumerd", "run", "--config", str(self.config)],
+            [*self.command, "run", "--config", str(self.config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
             env=self.env,
-            cwd=REPO,
+            cwd=self.cwd,
+            preexec_fn=self._limit if self.nofile else None,
         )
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
         return self
+
+    def _limit(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def _read_stdout(self) -> None:
         assert self.process and self.process.stdout
@@ -76,9 +91,7 @@ class Daemon:
             return self._matching(event, since, fields)
 
     def _matching(self, event: str, since: int, fields: dict[str, Any]) -> list[Event]:
-        return [
-            e for e in self.events[since:] if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
-        ]
+        return [e for e in self.events[since:] if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())]
 
     def wait_for(self, event: str, count: int = 1, timeout: float = 30, since: int = 0, **fields: Any) -> list[Event]:
         """Block until ``count`` events named ``event`` (with ``fields``) were logged after ``since``."""

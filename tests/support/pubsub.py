@@ -36,9 +36,7 @@ class Broker:
         self.adapter.subscriber.create_subscription(request=request)
         return topic, sub
 
-    def publish(
-        self, topic: str, count: int = 1, data: bytes | dict = b"", ordering_key: str = "", **attributes: str
-    ) -> list[str]:
+    def publish(self, topic: str, count: int = 1, data: bytes | dict = b"", ordering_key: str = "", **attributes: str) -> list[str]:
         payload = json.dumps(data).encode() if isinstance(data, dict) else data
         publisher = self.ordered_publisher if ordering_key else self.publisher
         extra = {"ordering_key": ordering_key} if ordering_key else {}
@@ -118,4 +116,3 @@ def toml(data: dict[str, dict[str, Any]]) -> str:
 
 def unique(ids: Iterable[str]) -> set[str]:
     return set(ids)
-

@@ -181,3 +181,76 @@ def memory_bomb_once(msg: Message) -> None:
         while True:
             hoard.append(bytearray(64 * 1024 * 1024))
     record("done", msg)
+
+
+@task("retry_bad_delay")
+def retry_bad_delay(msg: Message) -> None:
+    """First run: Retry(after=<the 'after' attribute>): nan, inf and -1 once crashed the supervisor."""
+    if _first_run(msg):
+        raise Retry(after=float(msg.attributes["after"]))
+    record("done", msg)
+
+
+@task("pickle_bomb_once")
+def pickle_bomb_once(msg: Message) -> None:
+    """First run: write a pickle frame that would run a command if unpickled, to this worker's channel."""
+    if _first_run(msg):
+        import pickle
+        import socket
+        import struct
+
+        marker = Path(os.environ["TEST_LEDGER_DIR"]) / "pwned"
+
+        class Bomb:
+            def __reduce__(self):  # type: ignore[no-untyped-def]
+                return (os.system, (f"touch {marker}",))
+
+        payload = pickle.dumps(Bomb())
+        for fd in map(int, os.listdir("/proc/self/fd")):
+            try:
+                sock = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                continue
+            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+                sock.sendall(struct.pack(">I", len(payload)) + payload)
+            sock.close()
+        time.sleep(5)  # the supervisor kills us for the frame long before this ends
+    record("done", msg)
+
+
+@task("huge_error_once")
+def huge_error_once(msg: Message) -> None:
+    if _first_run(msg):
+        raise ValueError("x" * 5_000_000)
+    record("done", msg)
+
+
+@task("escape_setsid")
+def escape_setsid(msg: Message) -> None:
+    """Start a grandchild in a session of its own (as daemonising libraries do), then return."""
+    record("start", msg)
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        if os.fork() == 0:
+            record(f"grandchild={os.getpid()}", msg)
+            os.execvp("sleep", ["sleep", "300"])
+        os._exit(0)  # the grandchild is reparented to the nearest subreaper: the fork server
+    os.waitpid(child, 0)
+    record(f"parent_exited={time.time()}", msg)
+    if msg.attributes.get("linger"):
+        time.sleep(float(msg.attributes["linger"]))
+    record("done", msg)
+
+
+@task("fd_probe")
+def fd_probe(msg: Message) -> None:
+    """Record which descriptors a worker holds while running a task."""
+    fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    kinds = []
+    for fd in fds:
+        try:
+            kinds.append(f"{fd}:{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            pass
+    record("fds=" + ",".join(kinds).replace(" ", "_"), msg)

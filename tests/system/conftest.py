@@ -54,7 +54,9 @@ class Guest:
     def sh(self, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             ["nsenter", "-t", str(self.leader), "-a", "sh", "-c", command],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"guest command failed ({result.returncode}): {command}\n{result.stdout}\n{result.stderr}")
@@ -91,7 +93,10 @@ class Guest:
     def write(self, path: str, text: str) -> None:
         subprocess.run(
             ["nsenter", "-t", str(self.leader), "-a", "sh", "-c", f"cat > {path}"],
-            input=text, text=True, check=True, timeout=30,
+            input=text,
+            text=True,
+            check=True,
+            timeout=30,
         )
 
 
@@ -106,8 +111,7 @@ def guest(emulator) -> Iterator[Guest]:
         g.sh("rm -rf /tmp/src && cp -a /opt/src /tmp/src && rm -rf /tmp/src/.venv && bash /tmp/src/deploy/install.sh", timeout=600)
         g.write(
             "/etc/default/consumerd",
-            f"PUBSUB_EMULATOR_HOST={emulator.host}\nGOOGLE_CLOUD_PROJECT={PROJECT}\n"
-            f"PYTHONPATH=/opt/src\nTEST_LEDGER_DIR={STATE_DIR}\n",
+            f"PUBSUB_EMULATOR_HOST={emulator.host}\nGOOGLE_CLOUD_PROJECT={PROJECT}\nPYTHONPATH=/opt/src\nTEST_LEDGER_DIR={STATE_DIR}\n",
         )
         yield g
     finally:
@@ -136,4 +140,7 @@ def service(guest, topic_sub):
         return topic, sub
 
     yield configure
-    guest.sh("systemctl stop consumerd; systemctl reset-failed consumerd; rm -rf /etc/systemd/system/consumerd.service.d; systemctl daemon-reload", check=False)
+    guest.sh(
+        "systemctl stop consumerd; systemctl reset-failed consumerd; rm -rf /etc/systemd/system/consumerd.service.d; systemctl daemon-reload",
+        check=False,
+    )

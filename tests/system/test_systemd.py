@@ -67,8 +67,14 @@ def test_journal_holds_native_fields(guest, service, broker):
     [bad] = broker.publish(topic, task="no_such_task")
     _wait_ids(guest, ids)
     deadline = time.monotonic() + 20
-    while len(entries := [e for e in guest.journal("CONSUMERD_TASK=ok", "CONSUMERD_EVENT=message.done")
-                          if e.get("CONSUMERD_MESSAGE_ID") in ids]) < 2:
+    while (
+        len(
+            entries := [
+                e for e in guest.journal("CONSUMERD_TASK=ok", "CONSUMERD_EVENT=message.done") if e.get("CONSUMERD_MESSAGE_ID") in ids
+            ]
+        )
+        < 2
+    ):
         assert time.monotonic() < deadline, guest.journal_text()[-2000:]
         time.sleep(0.2)
     entry = entries[0]
@@ -82,8 +88,10 @@ def test_journal_holds_native_fields(guest, service, broker):
 
 def test_frozen_loop_is_killed_by_the_watchdog_and_nothing_is_lost(guest, service, broker):
     topic, _ = service()
-    guest.sh("mkdir -p /etc/systemd/system/consumerd.service.d && printf '[Service]\\nWatchdogSec=3\\n' "
-             "> /etc/systemd/system/consumerd.service.d/watchdog.conf && systemctl daemon-reload")
+    guest.sh(
+        "mkdir -p /etc/systemd/system/consumerd.service.d && printf '[Service]\\nWatchdogSec=3\\n' "
+        "> /etc/systemd/system/consumerd.service.d/watchdog.conf && systemctl daemon-reload"
+    )
     guest.sh("systemctl start consumerd")
     ids = broker.publish(topic, 4, data={"seconds": 1}, task="sleep")
     _wait_count(guest, "start", 1)

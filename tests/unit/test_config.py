@@ -50,7 +50,7 @@ def test_defaults_match_the_documented_contract(tmp_path):
     ],
 )
 def test_each_bad_value_is_one_line_naming_key_and_file(tmp_path, section, key, value, needle):
-    path = write(tmp_path, f'[{section}]\n{key} = {value}\n')
+    path = write(tmp_path, f"[{section}]\n{key} = {value}\n")
     with pytest.raises(ConfigError) as err:
         load_settings(path)
     text = str(err.value)

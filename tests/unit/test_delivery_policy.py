@@ -7,6 +7,7 @@ from consumerd.backlog import Backlog, InFlight
 from consumerd.delivery import Decision, RetryPolicy, decide
 from consumerd.histogram import Histogram
 from consumerd.message import Message
+from consumerd.protocol import Outcome
 
 POLICY = RetryPolicy(min_backoff=10, max_backoff=600)
 
@@ -18,21 +19,33 @@ def test_retry_delay_grows_exponentially_with_full_jitter_above_the_floor():
 
 
 def test_success_acks():
-    assert decide(delivery.SUCCESS, 1, POLICY, dead_letter=True) == Decision("ack")
+    assert decide(Outcome.SUCCESS, 1, POLICY, dead_letter=True) == Decision("ack")
 
 
-@pytest.mark.parametrize("outcome", [delivery.ERROR, delivery.CRASH, delivery.TIMEOUT])
+@pytest.mark.parametrize("outcome", [Outcome.ERROR, Outcome.CRASH, Outcome.TIMEOUT])
 def test_failures_retry_after_backoff_by_attempt(outcome):
     assert decide(outcome, 3, POLICY, dead_letter=False, rand=lambda: 1.0) == Decision("retry", 40)
 
 
 def test_task_requested_delay_is_honoured_and_capped_at_600():
-    assert decide(delivery.RETRY, 1, POLICY, dead_letter=False, retry_after=3.2).delay == 3
-    assert decide(delivery.RETRY, 1, POLICY, dead_letter=False, retry_after=5000).delay == 600
-    assert decide(delivery.RETRY, 1, POLICY, dead_letter=False, retry_after=-1).delay == 0
+    assert decide(Outcome.RETRY, 1, POLICY, dead_letter=False, retry_after=3.2).delay == 3
+    assert decide(Outcome.RETRY, 1, POLICY, dead_letter=False, retry_after=5000).delay == 600
 
 
-@pytest.mark.parametrize("outcome", [delivery.REJECT, delivery.UNKNOWN_TASK, delivery.TOO_LARGE])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), -1, True, "5"])
+def test_a_retry_delay_that_is_not_a_finite_number_ge_0_is_an_ordinary_failure(bad):
+    # Issue 9: Retry(after=nan) crashed the supervisor (int(nan)); now it is retried with its backoff.
+    assert decide(Outcome.RETRY, 3, POLICY, dead_letter=False, retry_after=bad, rand=lambda: 1.0) == Decision("retry", 40)
+    assert not delivery.valid_retry_after(bad)
+
+
+def test_clamp_delay_never_raises_on_non_finite_values():
+    assert delivery.clamp_delay(float("nan")) == 600
+    assert delivery.clamp_delay(float("inf")) == 600
+    assert delivery.clamp_delay(-5) == 0
+
+
+@pytest.mark.parametrize("outcome", [Outcome.REJECT, Outcome.UNKNOWN_TASK, Outcome.TOO_LARGE])
 def test_poison_is_dead_lettered_or_held_at_maximum_backoff(outcome):
     assert decide(outcome, 1, POLICY, dead_letter=True).action == "dead_letter"
     held = decide(outcome, 1, POLICY, dead_letter=False)
@@ -40,13 +53,13 @@ def test_poison_is_dead_lettered_or_held_at_maximum_backoff(outcome):
 
 
 def test_max_attempts_forwards_a_message_that_keeps_failing():
-    assert decide(delivery.CRASH, 4, POLICY, dead_letter=True, max_attempts=5).action == "retry"
-    assert decide(delivery.CRASH, 5, POLICY, dead_letter=True, max_attempts=5).action == "dead_letter"
-    assert decide(delivery.RETRY, 5, POLICY, dead_letter=True, max_attempts=5, retry_after=1).action == "dead_letter"
+    assert decide(Outcome.CRASH, 4, POLICY, dead_letter=True, max_attempts=5).action == "retry"
+    assert decide(Outcome.CRASH, 5, POLICY, dead_letter=True, max_attempts=5).action == "dead_letter"
+    assert decide(Outcome.RETRY, 5, POLICY, dead_letter=True, max_attempts=5, retry_after=1).action == "dead_letter"
 
 
 def test_messages_we_interrupted_come_back_at_once():
-    for outcome in (delivery.INTERRUPTED, delivery.SHUTDOWN):
+    for outcome in (Outcome.INTERRUPTED, Outcome.SHUTDOWN):
         assert decide(outcome, 9, POLICY, dead_letter=True) == Decision("retry", 0, "given back at once for another consumer")
 
 

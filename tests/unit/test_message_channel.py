@@ -3,10 +3,10 @@ import pickle
 
 import pytest
 
-from consumerd.channel import FrameReader, encode
+from consumerd.channel import encode_job, encode_result, frame, job_reader, result_reader
 from consumerd.errors import PayloadError, Reject, WorkerProtocolError
 from consumerd.message import Message
-from consumerd.protocol import Job, Result
+from consumerd.protocol import Job, Outcome, Result
 
 
 def make(data: bytes = b'{"a": 1}', **attributes: str) -> Message:
@@ -44,29 +44,38 @@ def test_idempotency_key_prefers_the_configured_attribute():
 
 
 def test_frames_survive_arbitrary_splits():
-    frames = encode(Job(1, "t", make())) + encode(Result(1, "success", 0.5))
-    reader = FrameReader()
-    for i in range(len(frames)):  # one byte at a time: the worst a stream can do
-        reader.feed(frames[i : i + 1])
-    job, result = reader.ready
+    jobs = job_reader()
+    results = result_reader()
+    job_bytes, result_bytes = encode_job(Job(1, "t", make())), encode_result(Result(1, Outcome.SUCCESS, 0.5))
+    for i in range(max(len(job_bytes), len(result_bytes))):  # one byte at a time: the worst a stream can do
+        jobs.feed(job_bytes[i : i + 1])
+        results.feed(result_bytes[i : i + 1])
+    [job], [result] = jobs.take(), results.take()
     assert job.task == "t" and job.message.message_id == "m1"
-    assert result == Result(1, "success", 0.5)
+    assert result == Result(1, Outcome.SUCCESS, 0.5)
 
 
 def test_absurd_frame_length_is_a_protocol_error():
     with pytest.raises(WorkerProtocolError, match="exceeds"):
-        FrameReader().feed(b"\xff\xff\xff\xff" + b"x" * 10)
+        job_reader().feed(b"\xff\xff\xff\xff" + b"x" * 10)
+
+
+def test_a_result_frame_over_64_kib_is_a_protocol_error_before_it_is_buffered():
+    with pytest.raises(WorkerProtocolError, match="exceeds 65536"):
+        result_reader().feed(frame(b"x" * (64 * 1024 + 1))[:100])
 
 
 def test_undecodable_frame_is_a_protocol_error():
     with pytest.raises(WorkerProtocolError, match="undecodable"):
-        FrameReader().feed(b"\x00\x00\x00\x05hello")
+        job_reader().feed(b"\x00\x00\x00\x05hello")
+    with pytest.raises(WorkerProtocolError, match="undecodable"):
+        result_reader().feed(b"\x00\x00\x00\x05hello")
 
 
 def test_partial_frame_waits_for_the_rest():
-    reader = FrameReader()
-    frame = encode(Result(7, "error", 0.1, "ValueError: x"))
-    reader.feed(frame[:-1])
-    assert not reader.ready and reader.pending_bytes == len(frame) - 1
-    reader.feed(frame[-1:])
+    reader = result_reader()
+    data = encode_result(Result(7, Outcome.ERROR, 0.1, "ValueError: x"))
+    reader.feed(data[:-1])
+    assert not reader.ready
+    reader.feed(data[-1:])
     assert reader.ready.popleft().error == "ValueError: x"

@@ -4,7 +4,7 @@ import textwrap
 import pytest
 
 from consumerd.errors import RegistryError
-from consumerd.registry import Registry, load_task_modules, task, REGISTRY
+from consumerd.registry import REGISTRY, Registry, load_task_modules, task
 
 
 @pytest.fixture
@@ -43,13 +43,16 @@ def test_duplicate_name_names_both_origins():
 
 
 def test_load_modules_registers_their_tasks(modules):
-    name = modules("regmod_ok", """
+    name = modules(
+        "regmod_ok",
+        """
         from consumerd import task
 
         @task("resize")
         def resize(msg):
             pass
-    """)
+    """,
+    )
     registry = load_task_modules([name], entry_points=False)
     [spec] = registry.specs()
     assert spec.name == "resize" and "regmod_ok.resize" in spec.origin and "regmod_ok.py:4" in spec.origin

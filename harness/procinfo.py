@@ -1,4 +1,7 @@
-"""Read-only looks at the process tree in /proc, for the benchmarks, the chaos soak and the tests."""
+"""Read-only looks at the process tree in /proc, for the benchmarks, the chaos soak and the tests.
+
+Not part of the wheel: consumerd itself needs none of it.
+"""
 
 from __future__ import annotations
 

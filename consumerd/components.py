@@ -1,0 +1,48 @@
+"""The supervisor's collaborators, built in one place: the real ones here, fakes in the tests.
+
+Nothing here starts a thread, a process or a connection: `Supervisor.run` starts them in order and
+pushes each one's stop onto one `ExitStack`, so shutdown stops exactly what was started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import Callable
+
+from .acker import Acker
+from .config import Settings
+from .forwarder import Forwarder
+from .inbox import Inbox
+from .pool import Pool
+from .protocol import ForkServerSpec
+from .pubsub import PubSub, is_transient
+from .puller import Puller
+
+
+@dataclasses.dataclass
+class IoThreads:
+    """The threads that talk to Pub/Sub for the loop, which never blocks on an RPC."""
+
+    puller: Puller
+    acker: Acker
+    forwarder: Forwarder | None  # with [dead_letter] topic
+
+
+class Components:
+    def pool(self, spec: ForkServerSpec, size: int, forget: Callable[[socket.socket], None]) -> Pool:
+        return Pool(spec, size, forget)
+
+    def pubsub(self, settings: Settings) -> PubSub:
+        return PubSub(settings.pubsub)
+
+    def io_threads(self, pubsub: PubSub, settings: Settings, inbox: Inbox) -> IoThreads:
+        forwarder = None
+        if settings.dead_letter.topic:
+            topic = settings.pubsub.topic_path(settings.dead_letter.topic)
+            forwarder = Forwarder(lambda data, attrs: pubsub.publish(topic, data, attrs), inbox, is_transient)
+        return IoThreads(
+            puller=Puller(pubsub.pull, inbox, is_transient),
+            acker=Acker(pubsub.ack, pubsub.modack, is_transient),
+            forwarder=forwarder,
+        )

@@ -1,0 +1,60 @@
+"""Process limits the supervisor depends on: open file descriptors, and the safety net's error budget.
+
+The supervisor holds one socket per worker besides a fixed set (gRPC channels, threads' pipes, the
+selector, the notify and journal sockets). Running out of descriptors mid-run truncates the fork
+server's SCM_RIGHTS packets and loses workers, so the limit is raised at start-up and a concurrency
+it cannot hold is refused before any worker starts. Pure except `raise_nofile`.
+"""
+
+from __future__ import annotations
+
+import collections
+import resource
+
+from .errors import ConfigError
+
+BASE_FDS = 64  # what the supervisor holds besides its workers (measured ~30), with room to spare
+FDS_PER_WORKER = 2  # its channel, plus one in transit while a replacement is adopted
+
+
+def raise_nofile() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def max_concurrency(nofile: int) -> int:
+    """The most workers ``nofile`` descriptors can hold (0: not even one)."""
+    return max(0, (nofile - BASE_FDS) // FDS_PER_WORKER)
+
+
+def check_concurrency(concurrency: int, nofile: int) -> None:
+    ceiling = max_concurrency(nofile)
+    if concurrency > ceiling:
+        raise ConfigError(
+            f"workers.concurrency = {concurrency} needs {BASE_FDS + FDS_PER_WORKER * concurrency} file descriptors, "
+            f"the limit is {nofile} (raise LimitNOFILE= / ulimit -n, or lower concurrency to {ceiling} at most)"
+        )
+
+
+class ErrorBudget:
+    """More than ``limit`` internal errors within ``window`` seconds means a bug, not bad luck."""
+
+    def __init__(self, limit: int = 5, window: float = 60.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._times: collections.deque[float] = collections.deque()
+
+    def spend(self, now: float) -> bool:
+        """Record one error at ``now``; True once the budget is exceeded."""
+        self._times.append(now)
+        while self._times and now - self._times[0] > self.window:
+            self._times.popleft()
+        return len(self._times) > self.limit
