@@ -6,9 +6,11 @@ pushes each one's stop onto one `ExitStack`, so shutdown stops exactly what was 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from .acker import Acker
 from .config import Settings
@@ -27,6 +29,18 @@ class IoThreads:
     puller: Puller
     acker: Acker
     forwarder: Forwarder | None  # with [dead_letter] topic
+
+    def start(self, resources: contextlib.ExitStack, flush_timeout: float, log: Any) -> None:
+        """Start the threads; each one's stop goes on ``resources`` (the acker's flushes first)."""
+        for thread in (self.acker, self.forwarder, self.puller):  # stopped in reverse order
+            if thread is not None:
+                thread.start()
+                resources.callback(self._stop, thread, flush_timeout, log)
+
+    def _stop(self, thread: Any, flush_timeout: float, log: Any) -> None:
+        if thread is self.acker and not self.acker.flush(flush_timeout):
+            log.error("pubsub.flush_timeout", detail="some acks/nacks were not sent; those messages will be redelivered")
+        thread.stop()
 
 
 class Components:

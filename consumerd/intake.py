@@ -20,6 +20,7 @@ from .pool import Pool
 from .pubsub import Received
 from .settler import Settler
 
+PRUNE_INTERVAL = 10.0  # seconds between prunes of ordering-key holds and attempt counts
 MAX_FORWARDING = 1000  # dead-letter copies in flight before pulling waits for the forwarder
 OnError = Callable[[str, Exception, InFlight | None], None]
 
@@ -36,6 +37,7 @@ class Intake:
         self.lease_deadline = 10  # the subscription's ack deadline: what a pulled message holds
         self.requested = 0  # messages asked of the pull in flight
         self.task_seconds = Ewma()  # how long tasks take: sizes the prefetch buffer
+        self._next_prune = 0.0
 
     # -- in ----------------------------------------------------------------------------------
     def pulled(self, asked: int, received: list[Received], now: float, running: bool) -> None:
@@ -113,5 +115,8 @@ class Intake:
         return n
 
     def prune(self, now: float) -> None:
-        self.backlog.prune(now)
-        self.attempts.prune(now)
+        """Forget ended ordering-key holds and stale attempt counts, every PRUNE_INTERVAL."""
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_INTERVAL
+            self.backlog.prune(now)
+            self.attempts.prune(now)

@@ -1,4 +1,4 @@
-"""Process limits the supervisor depends on: open file descriptors, and the safety net's error budget.
+"""The open-file limit the supervisor depends on, and the concurrency it can hold.
 
 The supervisor holds one socket per worker besides a fixed set (gRPC channels, threads' pipes, the
 selector, the notify and journal sockets). Running out of descriptors mid-run truncates the fork
@@ -8,7 +8,6 @@ it cannot hold is refused before any worker starts. Pure except `raise_nofile`.
 
 from __future__ import annotations
 
-import collections
 import resource
 
 from .errors import ConfigError
@@ -42,19 +41,3 @@ def check_concurrency(concurrency: int, nofile: int) -> None:
             f"workers.concurrency = {concurrency} needs {BASE_FDS + FDS_PER_WORKER * concurrency} file descriptors, "
             f"the limit is {nofile} (raise LimitNOFILE= / ulimit -n, or lower concurrency to {ceiling} at most)"
         )
-
-
-class ErrorBudget:
-    """More than ``limit`` internal errors within ``window`` seconds means a bug, not bad luck."""
-
-    def __init__(self, limit: int = 5, window: float = 60.0) -> None:
-        self.limit = limit
-        self.window = window
-        self._times: collections.deque[float] = collections.deque()
-
-    def spend(self, now: float) -> bool:
-        """Record one error at ``now``; True once the budget is exceeded."""
-        self._times.append(now)
-        while self._times and now - self._times[0] > self.window:
-            self._times.popleft()
-        return len(self._times) > self.limit

@@ -25,7 +25,7 @@ from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransp
 from google.pubsub_v1.types import pubsub as types
 
 from .backoff import Backoff
-from .config import PubSubSettings
+from .config import PubSubSettings, Settings
 from .errors import ConfigError, ConsumerdError, PubSubUnavailable
 from .message import Message
 
@@ -318,7 +318,7 @@ def _received(raw: object, subscription: str) -> Received:
 
 def connect(
     pubsub: PubSub,
-    startup_timeout: float,
+    settings: Settings,
     clock: Callable[[], float],
     wait_or_stop: Callable[[float], bool],
     log: Any,
@@ -326,9 +326,10 @@ def connect(
     """Describe the subscription, retrying while Pub/Sub is unreachable for up to ``startup_timeout``.
 
     None when ``wait_or_stop`` reports a stop request while waiting; PubSubUnavailable after the
-    timeout; ConfigError (not retried) when the subscription does not exist or access is denied.
+    timeout; ConfigError (not retried) when the subscription or the dead-letter topic does not
+    exist, or access is denied.
     """
-    give_up_at = clock() + startup_timeout
+    give_up_at = clock() + settings.pubsub.startup_timeout
     backoff = Backoff(base=0.5, cap=5.0)
     attempt = 0
     while True:
@@ -349,6 +350,9 @@ def connect(
             log.warning("pubsub.unreachable", error=type(exc).__name__, attempt=attempt, retry_in_s=round(delay, 2))
             if wait_or_stop(delay):
                 return None
+    dead_letter_topic = settings.dead_letter.topic and settings.pubsub.topic_path(settings.dead_letter.topic)
+    if dead_letter_topic and not pubsub.topic_exists(dead_letter_topic):
+        raise ConfigError(f"dead_letter.topic: {dead_letter_topic} does not exist")
     log.info(
         "pubsub.subscribed",
         subscription=info.path,

@@ -25,7 +25,8 @@ from .delivery import Action, RetryPolicy
 from .forwarder import DeadLetter, Forwarded
 from .histogram import Histogram
 from .leases import LeaseSchedule
-from .protocol import Outcome
+from .pool import WorkerExited
+from .protocol import Outcome, Result
 
 ADAPTIVE_MIN_SAMPLES = 10  # finished tasks before the lease length follows their durations
 MAX_ATTRIBUTE_VALUE = 1024  # characters kept of the error text in a dead-letter copy
@@ -86,6 +87,32 @@ class Settler:
         self.counters = counters
         self.forwarding: dict[str, InFlight] = {}  # ack id -> message being copied to the dead-letter topic
 
+    @classmethod
+    def of(
+        cls,
+        settings: Settings,
+        ack: Callable[[Sequence[str]], None],
+        modack: Callable[[Sequence[str], int], None],
+        forward: Callable[[DeadLetter], None] | None,
+        backlog: Backlog,
+        counters: Counters,
+        log: Any,
+    ) -> Settler:
+        """A settler for ``settings``: fresh leases, duration histogram and attempt counter."""
+        leases = settings.leases
+        return cls(
+            ack,
+            modack,
+            forward,
+            policy=SettlePolicy.of(settings),
+            leases=LeaseSchedule(leases.ack_deadline),
+            backlog=backlog,
+            durations=Histogram(leases.min_ack_deadline, leases.max_ack_deadline),
+            attempts=AttemptCounter(),
+            counters=counters,
+            log=log,
+        )
+
     def hold(self, inflight: InFlight, now: float, deadline: float) -> None:
         """A pulled message is ours until settled: its lease is renewed and its bytes counted."""
         self.counters.received += 1
@@ -138,6 +165,27 @@ class Settler:
             self.counters.failed += 1
             log = self.log.error if outcome in delivery.POISON else self.log.warning
             log("message.failed", **fields, error=error, retry_in_s=decision.delay)
+
+    def finished(self, inflight: InFlight, result: Result, now: float) -> None:
+        """A worker reported how the task ended."""
+        self.backlog.finished(inflight)
+        self.durations.add(result.duration)
+        self.settle(inflight, result.outcome, now, result.duration, result.error, result.retry_after)
+
+    def worker_exited(self, event: WorkerExited, now: float) -> None:
+        """A worker died or retired; the message it ran, if any, did not succeed."""
+        crashed = event.inflight is not None or event.exit_code != 0
+        (self.log.warning if crashed else self.log.debug)(
+            "worker.exited",
+            worker_pid=event.worker.pid,
+            reason=event.reason,
+            kill_reason=event.kill_reason.value if event.kill_reason else None,
+            exit_code=event.exit_code,
+            tasks_done=event.worker.tasks_done,
+        )
+        if event.inflight is not None:
+            self.backlog.finished(event.inflight)
+            self.settle(event.inflight, event.outcome, now, event.ran_for, event.reason)
 
     def retry_later(self, inflight: InFlight, delay: int, now: float) -> None:
         """Set the lease to ``delay``: Pub/Sub hands the message out again once it ends. With
@@ -219,9 +267,6 @@ class Settler:
             self.backlog.released(inflight)
 
     # == leases ================================================================================
-    def record_duration(self, seconds: float) -> None:
-        self.durations.add(seconds)
-
     def renew_leases(self, now: float) -> int:
         due = self.leases.due(now)
         if due:

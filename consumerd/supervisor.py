@@ -4,7 +4,7 @@ States: STARTING -> RUNNING -> DRAINING -> STOPPING -> STOPPED. The loop never b
 (pulls and acks run on threads) and never runs task code (workers do). Signal handlers only record
 the signal; the loop dispatches it to a `handle_<name>` method. What becomes of a message is the
 `Settler`'s business, what may start is `admission.triage`'s, what a worker does is the `Pool`'s.
-An exception while handling one event fails that event's message, not the daemon (`guarded`).
+An exception while handling one event fails that event's message, not the daemon (`SafetyNet`).
 """
 
 from __future__ import annotations
@@ -14,36 +14,25 @@ import dataclasses
 import enum
 import selectors
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .admission import AttemptCounter
-from .backlog import Backlog, InFlight
+from .backlog import Backlog
 from .components import Components
 from .config import Settings
-from .errors import ConfigError, ExitCode
+from .errors import ExitCode
 from .forwarder import Forwarded
-from .histogram import Histogram
 from .inbox import Inbox
 from .intake import Intake
-from .leases import LeaseSchedule
-from .limits import ErrorBudget, check_concurrency, max_concurrency, raise_nofile
+from .limits import check_concurrency, max_concurrency, raise_nofile
 from .logsetup import get_logger
-from .pool import (
-    KILL_GRACE,
-    ForkServerDied,
-    KillReason,
-    PoolEvent,
-    WorkerExited,
-    WorkerResult,
-    WorkerStarted,
-    fork_server_spec,
-)
+from .pool import KILL_GRACE, ForkServerDied, KillReason, PoolEvent, WorkerExited, WorkerResult, WorkerStarted, fork_server_spec
 from .protocol import Outcome
 from .pubsub import connect
 from .puller import PullResult
 from .reload import Reloader
+from .safety import SafetyNet
 from .settler import Counters, SettlePolicy, Settler
 from .signals import SignalQueue
 from .systemd import Notifier
@@ -56,7 +45,6 @@ MAX_SLEEP = 1.0
 # renewed with 40 % of their deadline (>= 4 s) to spare, so a 0.1 s lateness costs nothing.
 HOUSEKEEPING_INTERVAL = 0.1
 FROZEN_GAP = 1.0  # housekeeping this late means the loop did not run: look for lapsed leases
-PRUNE_INTERVAL = 10.0  # forget ended ordering-key holds and stale attempt counts this often
 FLUSH_TIMEOUT = 10.0  # seconds to wait for the last acks/nacks at exit
 
 
@@ -89,31 +77,20 @@ class Supervisor:
         self.signals = SignalQueue()
         self.reloader = Reloader(config_path)
         self.resources = contextlib.ExitStack()  # what start-up started, stopped in reverse by shutdown
-        self.errors = ErrorBudget()
         self.backlog = Backlog(max_running_bytes=settings.flow.max_inflight_bytes)
         self.counters = Counters()
         self.inbox = Inbox()
         self.pubsub = self.components.pubsub(settings)
         self.io = self.components.io_threads(self.pubsub, settings, self.inbox)
-        self.settler = Settler(
-            self.io.acker.ack,
-            self.io.acker.modack,
-            self.io.forwarder.forward if self.io.forwarder else None,
-            policy=SettlePolicy.of(settings),
-            leases=LeaseSchedule(settings.leases.ack_deadline),
-            backlog=self.backlog,
-            durations=Histogram(settings.leases.min_ack_deadline, settings.leases.max_ack_deadline),
-            attempts=AttemptCounter(),
-            counters=self.counters,
-            log=self.log,
-        )
+        forward = self.io.forwarder.forward if self.io.forwarder else None
+        self.settler = Settler.of(settings, self.io.acker.ack, self.io.acker.modack, forward, self.backlog, self.counters, self.log)
         self.pool = self.components.pool(fork_server_spec(settings), settings.workers.concurrency, self._forget_fd)
-        self.intake = Intake(settings, self.settler, self.backlog, self.on_internal_error)
+        self.safety = SafetyNet(self.settler, self.counters, self.log, clock, self.on_errors_exhausted)
+        self.intake = Intake(settings, self.settler, self.backlog, self.safety.caught)
         self.drain_deadline: float | None = None
         self.stop_deadline: float | None = None
         self._next_status = 0.0
         self._next_housekeeping = 0.0
-        self._next_prune = 0.0
 
     # == the table of contents =================================================================
     def run(self) -> ExitCode:
@@ -125,7 +102,7 @@ class Supervisor:
                 self.start_io_threads()
                 self.notify_ready()
                 while self.state is not State.STOPPED:
-                    with self.guarded("loop"):
+                    with self.safety.guard("loop"):
                         self.tick()
         finally:
             self.shutdown()
@@ -150,7 +127,7 @@ class Supervisor:
         self.pool.kill_overdue(now)
         self.pool.escalate_kills(now)
         self.settler.renew_leases(now)
-        self.prune(now)
+        self.intake.prune(now)
         self.report(now)
 
     # == start-up ==============================================================================
@@ -168,17 +145,11 @@ class Supervisor:
     def connect_pubsub(self) -> None:
         """Check the subscription exists; retry while Pub/Sub is unreachable, up to startup_timeout."""
         self.resources.callback(self.pubsub.close)
-        info = connect(self.pubsub, self.settings.pubsub.startup_timeout, self.clock, self.wait_or_stop, self.log)
+        info = connect(self.pubsub, self.settings, self.clock, self.wait_or_stop, self.log)
         if info is None:
             return  # asked to stop while waiting
         self.intake.lease_deadline = info.ack_deadline
         self.backlog.ordered = info.ordering
-        self.check_dead_letter_topic()
-
-    def check_dead_letter_topic(self) -> None:
-        topic = self.settings.dead_letter.topic
-        if topic and not self.pubsub.topic_exists(self.settings.pubsub.topic_path(topic)):
-            raise ConfigError(f"dead_letter.topic: {self.settings.pubsub.topic_path(topic)} does not exist")
 
     def await_workers(self) -> bool:
         """Run the loop until every worker started; False if a stop signal came first."""
@@ -201,15 +172,7 @@ class Supervisor:
 
     def start_io_threads(self) -> None:
         self.selector.register(self.inbox.fd, selectors.EVENT_READ, lambda: None)  # read in collect_inbox
-        for thread in (self.io.acker, self.io.forwarder, self.io.puller):  # stopped in reverse order
-            if thread is not None:
-                thread.start()
-                self.resources.callback(self.stop_thread, thread)
-
-    def stop_thread(self, thread: Any) -> None:
-        if thread is self.io.acker and not self.io.acker.flush(FLUSH_TIMEOUT):
-            self.log.error("pubsub.flush_timeout", detail="some acks/nacks were not sent; those messages will be redelivered")
-        thread.stop()
+        self.io.start(self.resources, FLUSH_TIMEOUT, self.log)
 
     def notify_ready(self) -> None:
         self.state = State.RUNNING
@@ -227,7 +190,7 @@ class Supervisor:
         if timeout is None:
             timeout = max(0.0, self.next_wakeup() - self.clock())
         for key, _ in self.selector.select(timeout):
-            with self.guarded("event"):
+            with self.safety.guard("event"):
                 key.data()
 
     def next_wakeup(self) -> float:
@@ -266,57 +229,22 @@ class Supervisor:
                 self.selector.register(worker.sock, selectors.EVENT_READ, lambda w=worker: self._on_worker_readable(w))
                 self.log.debug("worker.started", worker_pid=worker.pid)
             elif isinstance(event, WorkerResult):
-                with self.guarded("worker.result", event.inflight):
+                with self.safety.guard("worker.result", event.inflight):
                     self.on_result(event, now)
             elif isinstance(event, WorkerExited):
-                with self.guarded("worker.exited", event.inflight):
-                    self.on_worker_exited(event, now)
+                with self.safety.guard("worker.exited", event.inflight):
+                    self.settler.worker_exited(event, now)
 
     def on_result(self, event: WorkerResult, now: float) -> None:
-        result = event.result
-        self.backlog.finished(event.inflight)
         self.intake.task_seconds.add(event.ran_for)
-        self.settler.record_duration(result.duration)
-        self.settler.settle(event.inflight, result.outcome, now, result.duration, result.error, result.retry_after)
+        self.settler.finished(event.inflight, event.result, now)
         self.pool.retire_surplus()
 
-    def on_worker_exited(self, event: WorkerExited, now: float) -> None:
-        crashed = event.inflight is not None or event.exit_code != 0
-        (self.log.warning if crashed else self.log.debug)(
-            "worker.exited",
-            worker_pid=event.worker.pid,
-            reason=event.reason,
-            kill_reason=event.kill_reason.value if event.kill_reason else None,
-            exit_code=event.exit_code,
-            tasks_done=event.worker.tasks_done,
-        )
-        if event.inflight is not None:
-            self.backlog.finished(event.inflight)
-            self.settler.settle(event.inflight, event.outcome, now, event.ran_for, event.reason)
-
-    @contextlib.contextmanager
-    def guarded(self, during: str, inflight: InFlight | None = None) -> Iterator[None]:
-        """The safety net: an unexpected exception fails this event's message, not the daemon."""
-        try:
-            yield
-        except Exception as exc:  # noqa: BLE001 - logged with its traceback; the budget ends real bugs
-            self.on_internal_error(during, exc, inflight)
-
-    def on_internal_error(self, during: str, exc: Exception, inflight: InFlight | None) -> None:
-        now = self.clock()
-        self.counters.internal_errors += 1
-        message_id = inflight.message.message_id if inflight else None
-        self.log.error("daemon.error", during=during, message_id=message_id, error=f"{type(exc).__name__}: {exc}"[:500], exc_info=exc)
-        if inflight is not None:
-            try:
-                self.settler.abandon(inflight, now)
-            except Exception as again:  # noqa: BLE001 - its lease runs out: Pub/Sub redelivers it
-                self.log.error("daemon.error", during="abandon", message_id=message_id, error=repr(again)[:500])
-        if self.errors.spend(now):
-            if self.exit_code is ExitCode.OK:
-                self.fail(f"{self.errors.limit + 1} internal errors within {self.errors.window:g}s (last: {type(exc).__name__})")
-            else:
-                self.state = State.STOPPED  # errors even while failing: stop the loop, shutdown still runs
+    def on_errors_exhausted(self, reason: str) -> None:
+        if self.exit_code is ExitCode.OK:
+            self.fail(reason)
+        else:
+            self.state = State.STOPPED  # errors even while failing: stop the loop, shutdown still runs
 
     # == signals ===============================================================================
     def handle_signals(self) -> None:
@@ -387,11 +315,6 @@ class Supervisor:
         if n:
             self.io.puller.request(n)
 
-    def prune(self, now: float) -> None:
-        if now >= self._next_prune:
-            self._next_prune = now + PRUNE_INTERVAL
-            self.intake.prune(now)
-
     def report(self, now: float) -> None:
         self.notifier.ping_watchdog(now)
         if now >= self._next_status:
@@ -448,7 +371,7 @@ class Supervisor:
     def shutdown(self) -> None:
         """Give back what is still held, then stop what was started (acks flushed). Always runs."""
         now = self.clock()
-        with self.guarded("shutdown"):
+        with self.safety.guard("shutdown"):
             for inflight in self.pool.running():
                 self.settler.settle(inflight, Outcome.SHUTDOWN, now, error="daemon stopped before the task ended")
             for inflight in [*self.backlog.take_all(), *self.settler.forwarding.values()]:

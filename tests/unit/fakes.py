@@ -241,7 +241,7 @@ class Harness:
         self.components = Components(ordering)
         self.sup = Supervisor(load_settings(config), config, clock=self.clock, components=self.components)  # type: ignore[arg-type]
         self.log = Log()
-        self.sup.log = self.sup.settler.log = self.log
+        self.sup.log = self.sup.settler.log = self.sup.safety.log = self.log
         self.sup.selector = Selector(self.clock)  # type: ignore[assignment]
         self.sup.start_pool()
         self.sup.connect_pubsub()
