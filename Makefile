@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: help venv emulator systemd-sandbox wheel install-system run test lint unit integration system chaos bench bench-quick clean
+.PHONY: help venv emulator monitoring systemd-sandbox wheel install-system run test lint unit integration system chaos bench bench-quick clean
 
 help:
 	@echo "make run    - start a local Pub/Sub emulator and the daemon with demo tasks (Ctrl-C stops)"
@@ -35,6 +35,16 @@ emulator:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(EMULATOR_PACKAGES); \
 	fi
 
+# Prometheus and promtool for the monitoring tests. policy-rc.d keeps apt from starting the
+# packaged service (it would listen on every interface); the tests start their own on loopback.
+monitoring:
+	@if ! command -v promtool >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing prometheus (promtool)..."; \
+	  guard=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; guard=1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; \
+	fi
+
 # systemd-nspawn boots the real systemd the tests in tests/system run the unit under.
 systemd-sandbox:
 	@if ! command -v systemd-nspawn >/dev/null && [ "$$(id -u)" = 0 ]; then \
@@ -52,7 +62,7 @@ install-system:
 run: venv emulator
 	$(PY) -m consumerd.devrun --config config/dev.toml
 
-test: venv emulator systemd-sandbox
+test: venv emulator systemd-sandbox monitoring
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: venv
@@ -63,7 +73,7 @@ lint: venv
 unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
-integration: venv emulator
+integration: venv emulator monitoring
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration
 
 system: venv emulator systemd-sandbox

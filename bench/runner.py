@@ -6,12 +6,10 @@ import dataclasses
 import datetime
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,8 @@ from typing import Any
 from bench.tasks import WORKLOADS
 from consumerd.config import PubSubSettings
 from consumerd.pubsub import PubSub
-from harness.procinfo import status_kb, workers_of
+from harness.daemon import Daemon
+from harness.procinfo import status_kb
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "bench"
@@ -84,6 +83,7 @@ class Runner:
     def _env(self, out: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUMERD_", "NOTIFY_SOCKET", "WATCHDOG_"))}
         env.update(PUBSUB_EMULATOR_HOST=self.host, GOOGLE_CLOUD_PROJECT=PROJECT, BENCH_OUT=str(out), PYTHONPATH=str(REPO))
+        env.setdefault("CONSUMERD_METRICS__LISTEN", "127.0.0.1:0")
         return env
 
     def _run_contender(self, sub: str, run: Run, out: Path) -> tuple[float, dict[str, Any]]:
@@ -107,12 +107,12 @@ class Runner:
 
     # -- consumerd -------------------------------------------------------------------------------
     def _run_consumerd(self, sub: str, run: Run, out: Path) -> tuple[float, dict[str, Any]]:
-        daemon = Daemon(self._config(sub, run.concurrency, run.max_tasks_per_child), self._env(out))
+        daemon = start_daemon(self._config(sub, run.concurrency, run.max_tasks_per_child), self._env(out))
         try:
-            ready_ts = daemon.wait_ready()
+            ready_ts = ready_at(daemon)
             cpu_at_ready = daemon.cpu_seconds()  # start-up (imports, connecting) is not per message
             _wait_for_lines(out, run.n, daemon)
-            usage = daemon.usage()
+            usage = daemon_usage(daemon)
             usage["consumer_cpu_s"] -= cpu_at_ready
         finally:
             stopped = daemon.stop()
@@ -145,7 +145,7 @@ class Runner:
         """An idle daemon's CPU, then how soon single messages published to it start."""
         topic, sub = self._fresh_subscription()
         out = Path(tempfile.mktemp(prefix="bench-", suffix=".txt"))
-        daemon = Daemon(self._config(sub, cores, 0), self._env(out))
+        daemon = start_daemon(self._config(sub, cores, 0), self._env(out))
         try:
             daemon.wait_ready()
             time.sleep(2.0)
@@ -174,7 +174,7 @@ class Runner:
         out = Path(tempfile.mktemp(prefix="bench-", suffix=".txt"))
         for future in [self.publisher.publish(topic, b"x", kind="sleep15000") for _ in range(64)]:
             future.result(timeout=30)
-        daemon = Daemon(self._config(sub, 64, 0, ack_deadline=10), self._env(out))
+        daemon = start_daemon(self._config(sub, 64, 0, ack_deadline=10), self._env(out))
         try:
             daemon.wait_ready()
             _wait_for_lines(out, 64, daemon)
@@ -190,60 +190,21 @@ class Runner:
         return result
 
 
-class Daemon:
-    """The real `consumerd run`, its JSON events read on a thread."""
+def start_daemon(config: Path, env: dict[str, str]) -> Daemon:
+    """The real `consumerd run`; only its ready and stopped events are parsed (no CPU on the rest)."""
+    return Daemon(config, env, only=frozenset({"daemon.ready", "daemon.stopped"})).start()
 
-    def __init__(self, config: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consumerd", "run", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-            cwd=REPO,
-        )
-        self.events: dict[str, dict] = {}
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
 
-    def _read(self) -> None:
-        assert self.proc.stdout
-        for line in self.proc.stdout:
-            if '"daemon.ready"' in line or '"daemon.stopped"' in line:
-                event = json.loads(line)
-                self.events[event["event"]] = event
-                if event["event"] == "daemon.ready":
-                    self._ready.set()
+def ready_at(daemon: Daemon, timeout: float = 60.0) -> float:
+    return _epoch(daemon.wait_ready(timeout)["timestamp"])
 
-    def wait_ready(self, timeout: float = 60.0) -> float:
-        if not self._ready.wait(timeout):
-            raise RuntimeError("consumerd did not become ready")
-        return _epoch(self.events["daemon.ready"]["timestamp"])
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def usage(self) -> dict[str, Any]:
-        return {
-            "consumer_cpu_s": self.cpu_seconds(),
-            "consumer_rss_mb": _hwm_mb(self.proc.pid),
-            "worker_rss_mb": max((_hwm_mb(pid) or 0.0 for pid in workers_of(self.proc.pid)), default=None),
-        }
-
-    def stop(self) -> dict | None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        time.sleep(0.05)
-        return self.events.get("daemon.stopped")
+def daemon_usage(daemon: Daemon) -> dict[str, Any]:
+    return {
+        "consumer_cpu_s": daemon.cpu_seconds(),
+        "consumer_rss_mb": _hwm_mb(daemon.pid),
+        "worker_rss_mb": max((_hwm_mb(pid) or 0.0 for pid in daemon.workers()), default=None),
+    }
 
 
 def _from_ledger(out: Path, n: int, ready_ts: float) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,58 +27,14 @@ from chaos.tasks import FATES
 from consumerd.config import PubSubSettings
 from consumerd.emulator import Emulator
 from consumerd.pubsub import PubSub
-from harness.procinfo import alive, status_kb, workers_of
+from harness.daemon import Daemon
+from harness.procinfo import alive
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "chaos"
 ACK_DEADLINE = 10
 SLOW_SECONDS = ACK_DEADLINE + 2  # a "slow" task outlives its first lease: renewals must keep it
 TASK_TIMEOUT = SLOW_SECONDS + 2  # ...while a "hang" is killed
-
-
-class Daemon:
-    """One `consumerd run`, its JSON log kept for the worker-death census."""
-
-    def __init__(self, config: Path, env: dict[str, str], log: Path) -> None:
-        self.log_path = log
-        self.log_offset = log.stat().st_size if log.exists() else 0  # this daemon's lines start here
-        handle = log.open("a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consumerd", "run", "--config", str(config)],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-        )
-        self.peak_rss_mb = 0.0
-
-    def sample_rss(self) -> None:
-        self.peak_rss_mb = max(self.peak_rss_mb, (status_kb(self.proc.pid, "VmHWM") or 0) / 1024)
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.log_path.open("rb") as handle:
-                handle.seek(self.log_offset)
-                mine = handle.read()
-            for line in mine.splitlines():
-                if b'"daemon.ready"' in line and json.loads(line).get("pid") == self.proc.pid:
-                    return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}")
-            time.sleep(0.1)
-        raise RuntimeError("daemon not ready")
-
-    def workers(self) -> list[int]:
-        return workers_of(self.proc.pid)
-
-    def terminate(self, timeout: float = 120) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 class Soak:
@@ -144,6 +99,7 @@ class Soak:
             PUBSUB_EMULATOR_HOST=self.emulator.host,
             GOOGLE_CLOUD_PROJECT=PROJECT,
             PYTHONPATH=str(REPO),
+            CONSUMERD_METRICS__LISTEN="127.0.0.1:0",  # two daemons run at once in the soak
             CHAOS_LEDGER=str(self.ledger),
             CHAOS_SLOW_SECONDS=str(SLOW_SECONDS),
         )
@@ -164,13 +120,13 @@ class Soak:
             daemon = getattr(self, f"fault_{fault}")(daemon, config)
         self.wait_progress(1.0, daemon, everything=True)
         self.note("final stop")
-        code = daemon.terminate()
+        code = terminate(daemon)
         self.peak_rss_mb = max(self.peak_rss_mb, daemon.peak_rss_mb)
         if code != 0:
             raise RuntimeError(f"final SIGTERM: exit {code}")
 
     def start(self, config: Path) -> Daemon:
-        daemon = Daemon(config, self.env(), self.log)
+        daemon = Daemon(config, self.env(), log=self.log, only=frozenset({"daemon.ready"})).start()
         daemon.wait_ready()
         self.note("daemon started")
         return daemon
@@ -181,7 +137,7 @@ class Soak:
 
     def fault_sigterm(self, daemon: Daemon, config: Path) -> Daemon:
         self.note("SIGTERM")
-        code = daemon.terminate()
+        code = terminate(daemon)
         self.peak_rss_mb = max(self.peak_rss_mb, daemon.peak_rss_mb)
         if code != 0:
             raise RuntimeError(f"SIGTERM drain ended with exit {code}")
@@ -211,7 +167,7 @@ class Soak:
         self.note("second daemon on the same subscription")
         second = self.start(config)
         time.sleep(10)
-        second.terminate()
+        terminate(second)
         self.note("second daemon stopped")
         return daemon
 
@@ -230,8 +186,8 @@ class Soak:
         deadline = time.monotonic() + timeout
         while self.settled() < target:
             daemon.sample_rss()
-            if daemon.proc.poll() is not None:
-                raise RuntimeError(f"daemon died unexpectedly with {daemon.proc.returncode}")
+            if daemon.process.poll() is not None:
+                raise RuntimeError(f"daemon died unexpectedly with {daemon.process.returncode}")
             if time.monotonic() > deadline:
                 print(f"  timed out at {self.settled()} of {target}", flush=True)
                 return
@@ -323,8 +279,8 @@ class Soak:
         while len(resumed) < len(ids) and time.monotonic() < deadline:
             resumed = {p[0] for p in self.lines()[mark:] if p[3] == "success" and p[0] in ids}
             time.sleep(0.2)
-        survived = daemon.proc.poll() is None
-        code = daemon.terminate()
+        survived = daemon.process.poll() is None
+        code = terminate(daemon)
         self.note("emulator restart scenario done")
         return {"survived": survived, "published": len(ids), "resumed": len(resumed), "exit_code": code}
 
@@ -340,6 +296,14 @@ def _pull(adapter: PubSub, sub: str) -> set[str]:
     if received:
         adapter.subscriber.acknowledge(request={"subscription": sub, "ack_ids": [m.ack_id for m in received]})
     return {m.message.attributes["consumerd_original_message_id"] for m in received}
+
+
+def terminate(daemon: Daemon) -> int:
+    """SIGTERM (a drain) and the exit code; the chaos soak's drains may take up to two minutes."""
+    daemon.sample_rss()
+    daemon.stop(timeout=120)
+    assert daemon.process is not None
+    return daemon.process.returncode
 
 
 def _death_cause(event: dict) -> str:

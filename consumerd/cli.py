@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import Settings, config_path, load_settings
 from .errors import ConfigError, ConsumerdError, ExitCode
 from .limits import check_concurrency, raise_nofile
 from .logsetup import configure_logging, get_logger
+
+DEFAULT_SOCKET = "/run/consumerd/control.sock"  # RuntimeDirectory=consumerd in the unit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--count", type=int, default=1, metavar="N", help="publish the payload N times (default 1)")
     publish.add_argument("data", nargs="?", help="the payload as text")
 
+    for name, text in (
+        ("status", "what the running daemon is doing: state, counters, and every running task"),
+        ("pause", "stop pulling (running and queued tasks go on)"),
+        ("resume", "start pulling again after pause"),
+        ("drain", "what SIGTERM does: stop pulling, finish running tasks, exit"),
+    ):
+        control_command(commands, name, text)
+    scale = control_command(commands, "scale", "set the number of workers")
+    scale.add_argument("n", type=int, metavar="N")
+
     setup = command("setup", "create the topic and subscription if missing (idempotent)")
     setup.add_argument("--topic", required=True)
     setup.add_argument("--subscription", required=True)
@@ -44,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--dead-letter-topic", default="", metavar="D")
     setup.add_argument("--max-delivery-attempts", type=int, default=0, metavar="N", help="5..100, with --dead-letter-topic")
     return parser
+
+
+def control_command(commands: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    sub.add_argument(
+        "--config", metavar="PATH", help="config file, for [control] socket (default: $CONSUMERD_CONFIG or /etc/consumerd.toml)"
+    )
+    sub.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"the control socket (default: [control] socket, $RUNTIME_DIRECTORY/control.sock or {DEFAULT_SOCKET})",
+    )
+    sub.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+    return sub
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tasks": cmd_tasks,
         "publish": cmd_publish,
         "setup": cmd_setup,
+        **dict.fromkeys(("status", "pause", "resume", "drain", "scale"), cmd_control),
     }[args.command]
     try:
         return int(handler(args))
@@ -141,6 +170,61 @@ def cmd_tasks(args: argparse.Namespace) -> ExitCode:
     for spec in specs:
         print(f"{spec.name:<{width}}  {spec.origin}")
     return ExitCode.OK
+
+
+def cmd_control(args: argparse.Namespace) -> ExitCode:
+    from .control import request
+
+    path = args.socket or _control_socket(args)
+    try:
+        answer = request(path, args.command, {"n": args.n} if args.command == "scale" else {})
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConsumerdError(f"control socket {path}: {reason} (is the daemon running, and may you use its socket?)") from None
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif not answer.get("ok"):
+        print(f"consumerd: {answer.get('error', 'refused')}", file=sys.stderr)
+    elif args.command == "status":
+        print(format_status(answer))
+    else:
+        print(", ".join(f"{k}: {v}" for k, v in answer.items() if k != "ok"))
+    return ExitCode.OK if answer.get("ok") else ExitCode.FAILURE
+
+
+def _control_socket(args: argparse.Namespace) -> str:
+    path, named = config_path(args.config)
+    if named or path.exists():
+        configured = load_settings(path).control.socket_path()
+        if configured:
+            return configured
+    return (
+        os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] + "/control.sock" if os.environ.get("RUNTIME_DIRECTORY") else DEFAULT_SOCKET
+    )
+
+
+def format_status(status: dict[str, Any]) -> str:
+    c = status["counters"]
+    lines = [
+        f"state: {status['state']}{' (paused)' if status['paused'] else ''}, up {status['uptime_s']:.0f} s, "
+        f"concurrency {status['concurrency']}, {status['workers']} workers",
+        f"queued {status['queued']}, being dead-lettered {status['dead_lettering']}, held {status['held_bytes']} bytes",
+        f"received {c['received']}, succeeded {c['succeeded']}, failed {c['failed']}, dead-lettered {c['dead_lettered']}, "
+        f"lease lapsed {c['lease_lapsed']}",
+    ]
+    if status.get("pull_error"):
+        lines.append(f"last pull failed: {status['pull_error']}")
+    running = status["running"]
+    lines.append(f"running ({len(running)}):")
+    if running:
+        lines.append(f"  {'PID':>7}  {'TASK':<20} {'MESSAGE ID':<20} {'ATTEMPT':>7} {'RUNNING':>9} {'RSS':>9}")
+        for job in running:
+            rss = f"{job['rss_kb'] / 1024:.1f} MB" if job.get("rss_kb") else "-"
+            lines.append(
+                f"  {job['worker_pid']:>7}  {job['task'][:20]:<20} {job['message_id'][:20]:<20} "
+                f"{job['attempt']:>7} {job['running_s']:>8.1f}s {rss:>9}"
+            )
+    return "\n".join(lines)
 
 
 def cmd_publish(args: argparse.Namespace) -> ExitCode:

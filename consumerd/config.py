@@ -139,6 +139,34 @@ class ShutdownSettings(_Section):
     drain_timeout: float = Field(60, ge=0, le=86400)
 
 
+class MetricsSettings(_Section):
+    listen: str = "127.0.0.1:9464"  # HOST:PORT for /metrics, /healthz, /readyz; "" = off; port 0 = any free one
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value and not re.match(r"^[^:\s\[\]]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$", value):
+            raise ValueError('must be HOST:PORT (e.g. 127.0.0.1:9464), or "" to turn metrics off')
+        if value and int(value.rpartition(":")[2]) > 65535:
+            raise ValueError("port must be 0..65535")
+        return value
+
+
+class ControlSettings(_Section):
+    socket: str = ""  # "" = $RUNTIME_DIRECTORY/control.sock under systemd, else no control socket
+    group: str = ""  # a group whose members may read `status` (the socket becomes 0660)
+
+    def socket_path(self) -> str:
+        if self.socket:
+            return self.socket
+        runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        return f"{runtime}/control.sock" if runtime else ""
+
+
+class TracingSettings(_Section):
+    enabled: bool = False  # needs the extra: pip install 'consumerd[otel]'; exporters from OTEL_* variables
+
+
 class TaskSettings(_Section):
     modules: list[str] = Field(default_factory=list)
     route_attribute: str = Field("task", min_length=1)
@@ -195,6 +223,9 @@ class Settings(BaseSettings):
     shutdown: ShutdownSettings = ShutdownSettings()
     tasks: TaskSettings = TaskSettings()
     logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    control: ControlSettings = ControlSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -309,7 +340,7 @@ def _cause(exc: BaseException) -> str:
 
 # What SIGHUP cannot change in a running daemon: the subscription and clients, what the fork server
 # preloaded, and the log renderer. Changing them needs a restart.
-FIXED_ON_RELOAD = ("pubsub", "tasks", "workers.max_tasks_per_child", "logging.format")
+FIXED_ON_RELOAD = ("pubsub", "tasks", "metrics", "control", "tracing", "workers.max_tasks_per_child", "logging.format")
 
 
 def reload_plan(old: Settings, new: Settings) -> tuple[Settings, list[str], list[str]]:

@@ -29,6 +29,7 @@ import sys
 from .errors import ConfigError, ExitCode, WorkerProtocolError
 from .inbox import drain_fd
 from .logsetup import configure_logging, get_logger
+from .proctitle import set_title, worker_title
 from .protocol import (
     MAX_PACKET,
     ControlPacket,
@@ -81,6 +82,7 @@ class ForkServer:
         self.log = get_logger("consumerd.forkserver")
 
     def run(self) -> int:
+        set_title("fork server")
         if not self.preload():
             return int(ExitCode.CONFIG)
         self.install_signal_handlers()
@@ -142,7 +144,7 @@ class ForkServer:
         pid = os.fork()
         if pid == 0:
             parent_end.close()
-            self.become_worker(child_end)  # never returns
+            self.become_worker(child_end, worker_id)  # never returns
         try:
             os.setpgid(pid, pid)  # also done in the child: whichever runs first wins the race
         except OSError:
@@ -152,7 +154,7 @@ class ForkServer:
         parent_end.close()
         child_end.close()
 
-    def become_worker(self, sock: socket.socket) -> None:
+    def become_worker(self, sock: socket.socket, worker_id: int) -> None:
         code = ExitCode.SOFTWARE
         try:
             os.setpgid(0, 0)
@@ -162,7 +164,8 @@ class ForkServer:
                 os._exit(ExitCode.FAILURE)
             self.close_inherited()
             reset_process_state()
-            code = serve(sock, self.registry, self.spec.max_tasks_per_child)  # type: ignore[arg-type]
+            set_title(worker_title(worker_id))
+            code = serve(sock, self.registry, self.spec.max_tasks_per_child, worker_id)  # type: ignore[arg-type]
         except BaseException:  # noqa: BLE001 - a forked child must never return into the server's loop
             code = ExitCode.SOFTWARE
         finally:

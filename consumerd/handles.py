@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import signal
 import socket
 
 from .backlog import InFlight
@@ -90,6 +91,16 @@ class WorkerExited:
     @property
     def exit_code(self) -> int:
         return os.waitstatus_to_exitcode(self.status)
+
+    @property
+    def cause(self) -> str:
+        """A bounded label for metrics: our kill reason, else how it ended by itself."""
+        if self.kill_reason is not None:
+            return self.kill_reason.value
+        code = self.exit_code
+        if code < 0:
+            return f"signal_{signal.Signals(-code).name}" if -code in signal.valid_signals() else "signal"
+        return "exit_0" if code == 0 else "exit_nonzero"
 
     @property
     def outcome(self) -> Outcome:

@@ -57,6 +57,7 @@ class Intake:
         attempt = self.attempts.count(message.message_id, message.delivery_attempt, now)
         inflight = InFlight(received.ack_id, message, self.router.route(message.attributes), attempt, now)
         self.settler.hold(inflight, now, self.lease_deadline)
+        self.settler.metrics.received(attempt)
         return inflight
 
     def admit(self, inflight: InFlight, now: float, running: bool) -> None:

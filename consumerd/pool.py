@@ -8,6 +8,7 @@ supervisor asks (`overdue`, `next_deadline`, `running`) instead of reading a wor
 from __future__ import annotations
 
 import array
+import dataclasses
 import itertools
 import os
 import pickle
@@ -61,6 +62,13 @@ def fork_server_spec(settings: Settings) -> ForkServerSpec:
         log_level=settings.logging.level,
         max_tasks_per_child=settings.workers.max_tasks_per_child,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningJob:
+    pid: int
+    inflight: InFlight
+    started_at: float  # monotonic
 
 
 class ForkServerDied(ConsumerdError):
@@ -192,6 +200,10 @@ class Pool:
     def running(self) -> list[InFlight]:
         """The messages workers are running now."""
         return [w.inflight for w in self.workers.values() if w.inflight is not None]
+
+    def jobs(self) -> list[RunningJob]:
+        """What runs now, worker by worker (for `consumerd status`)."""
+        return [RunningJob(w.pid, w.inflight, w.started_at) for w in self.workers.values() if w.inflight is not None]
 
     def busy_count(self) -> int:
         return sum(1 for w in self.workers.values() if w.job is not None)

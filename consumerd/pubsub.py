@@ -81,10 +81,19 @@ class RpcCounter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counts: dict[str, int] = {"pull": 0, "ack": 0, "modack": 0}
+        self.errors: dict[tuple[str, str], int] = {}  # (method, gRPC status name) -> failures
 
     def add(self, method: str) -> None:
         with self._lock:
             self.counts[method] = self.counts.get(method, 0) + 1
+
+    def error(self, method: str, code: str) -> None:
+        with self._lock:
+            self.errors[(method, code)] = self.errors.get((method, code), 0) + 1
+
+    def snapshot(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+        with self._lock:
+            return dict(self.counts), dict(self.errors)
 
 
 class _HotPath:
@@ -96,7 +105,8 @@ class _HotPath:
     google.api_core exceptions the GAPIC methods raise.
     """
 
-    def __init__(self, channel: grpc.Channel, subscription: str) -> None:
+    def __init__(self, channel: grpc.Channel, subscription: str, rpcs: RpcCounter) -> None:
+        self.rpcs = rpcs
         self.metadata = (("x-goog-request-params", f"subscription={subscription}"),)
 
         def stub(method: str, request: Any, response: Any) -> grpc.UnaryUnaryMultiCallable:
@@ -110,10 +120,13 @@ class _HotPath:
         self.ack = stub("Acknowledge", types.AcknowledgeRequest.pb(), empty_pb2.Empty)
         self.modack = stub("ModifyAckDeadline", types.ModifyAckDeadlineRequest.pb(), empty_pb2.Empty)
 
-    def call(self, stub: grpc.UnaryUnaryMultiCallable, request: object, timeout: float) -> object:
+    def call(self, rpc: str, stub: grpc.UnaryUnaryMultiCallable, request: object, timeout: float) -> object:
+        self.rpcs.add(rpc)
         try:
             return stub(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            self.rpcs.error(rpc, code.name if code is not None else "UNKNOWN")
             raise gexc.from_grpc_error(exc) from None
 
 
@@ -136,7 +149,7 @@ class PubSub:
     @property
     def hot(self) -> _HotPath:
         if self._hot is None:
-            self._hot = _HotPath(self.subscriber.transport.grpc_channel, self.subscription)  # type: ignore[attr-defined]
+            self._hot = _HotPath(self.subscriber.transport.grpc_channel, self.subscription, self.rpcs)  # type: ignore[attr-defined]
         return self._hot
 
     @property
@@ -196,10 +209,9 @@ class PubSub:
 
     def pull(self, max_messages: int, timeout: float) -> list[Received]:
         """Long-poll: returns as soon as messages are there, or empty after about ``timeout``."""
-        self.rpcs.add("pull")
         hot = self.hot
         request = types.PullRequest.pb()(subscription=self.subscription, max_messages=max_messages)
-        response = hot.call(hot.pull, request, timeout)
+        response = hot.call("pull", hot.pull, request, timeout)
         return [_received(raw, self.subscription) for raw in response.received_messages]  # type: ignore[attr-defined]
 
     def ack(self, ack_ids: Sequence[str]) -> dict[str, str]:
@@ -207,9 +219,8 @@ class PubSub:
         hot = self.hot
         failures: dict[str, str] = {}
         for batch in _batches(ack_ids):
-            self.rpcs.add("ack")
             request = types.AcknowledgeRequest.pb()(subscription=self.subscription, ack_ids=batch)
-            failures.update(_per_ack_id(functools.partial(hot.call, hot.ack, request, ACK_TIMEOUT)))
+            failures.update(_per_ack_id(functools.partial(hot.call, "ack", hot.ack, request, ACK_TIMEOUT)))
         return failures
 
     def modack(self, ack_ids: Sequence[str], seconds: int) -> dict[str, str]:
@@ -217,18 +228,23 @@ class PubSub:
         hot = self.hot
         failures: dict[str, str] = {}
         for batch in _batches(ack_ids):
-            self.rpcs.add("modack")
             request = types.ModifyAckDeadlineRequest.pb()(subscription=self.subscription, ack_ids=batch, ack_deadline_seconds=seconds)
-            failures.update(_per_ack_id(functools.partial(hot.call, hot.modack, request, ACK_TIMEOUT)))
+            failures.update(_per_ack_id(functools.partial(hot.call, "modack", hot.modack, request, ACK_TIMEOUT)))
         return failures
 
     def publish(self, topic: str, data: bytes, attributes: Mapping[str, str]) -> str:
         """Publish one message now (not batched); return its id. Used for dead letters."""
-        response = self.publisher.publish(
-            request={"topic": topic, "messages": [{"data": data, "attributes": dict(attributes)}]},
-            timeout=RPC_TIMEOUT,
-            retry=None,
-        )
+        self.rpcs.add("publish")
+        try:
+            response = self.publisher.publish(
+                request={"topic": topic, "messages": [{"data": data, "attributes": dict(attributes)}]},
+                timeout=RPC_TIMEOUT,
+                retry=None,
+            )
+        except gexc.GoogleAPICallError as exc:
+            code = exc.grpc_status_code
+            self.rpcs.error("publish", code.name if code is not None else type(exc).__name__)
+            raise
         return response.message_ids[0]
 
     def topic_exists(self, topic: str) -> bool:

@@ -40,6 +40,7 @@ class Puller:
         self._timeout = timeout
         self._cond = threading.Condition()
         self._wanted = 0
+        self.last_error = ""  # the last pull's failure; empty once one succeeds
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="consumerd-puller", daemon=True)
         self.log = get_logger("consumerd.puller")
@@ -75,6 +76,7 @@ class Puller:
         while not self._stopping:
             try:
                 received = self._pull(asked, self._timeout)
+                self.last_error = ""
                 if attempt:
                     self.log.info("pubsub.pull_recovered", after_attempts=attempt)
                 return received
@@ -82,6 +84,7 @@ class Puller:
                 if self._stopping:
                     return None
                 attempt += 1
+                self.last_error = _describe(exc)  # read by the readiness probe: one str assignment
                 delay = self._backoff.delay(attempt)
                 level = "warning" if self._is_transient(exc) else "error"
                 getattr(self.log, level)("pubsub.pull_failed", error=_describe(exc), attempt=attempt, retry_in_s=round(delay, 3))

@@ -25,6 +25,7 @@ from .delivery import Action, RetryPolicy
 from .forwarder import DeadLetter, Forwarded
 from .histogram import Histogram
 from .leases import LeaseSchedule
+from .metrics import NullMetrics
 from .pool import WorkerExited
 from .protocol import Outcome, Result
 
@@ -74,6 +75,7 @@ class Settler:
         attempts: AttemptCounter,
         counters: Counters,
         log: Any,
+        metrics: Any = None,
     ) -> None:
         self._ack = ack
         self._modack = modack
@@ -85,6 +87,7 @@ class Settler:
         self.attempts = attempts
         self.log = log
         self.counters = counters
+        self.metrics = metrics if metrics is not None else NullMetrics()
         self.forwarding: dict[str, InFlight] = {}  # ack id -> message being copied to the dead-letter topic
 
     @classmethod
@@ -97,6 +100,7 @@ class Settler:
         backlog: Backlog,
         counters: Counters,
         log: Any,
+        metrics: Any = None,
     ) -> Settler:
         """A settler for ``settings``: fresh leases, duration histogram and attempt counter."""
         leases = settings.leases
@@ -111,6 +115,7 @@ class Settler:
             attempts=AttemptCounter(),
             counters=counters,
             log=log,
+            metrics=metrics,
         )
 
     def hold(self, inflight: InFlight, now: float, deadline: float) -> None:
@@ -151,6 +156,7 @@ class Settler:
             size=inflight.message.size,
             outcome=outcome.value,
         )
+        self.metrics.outcome(inflight.task, outcome.value)
         if decision.action is Action.ACK:
             self.release(inflight)
             self._ack([inflight.ack_id])
@@ -170,6 +176,7 @@ class Settler:
         """A worker reported how the task ended."""
         self.backlog.finished(inflight)
         self.durations.add(result.duration)
+        self.metrics.ran(inflight.task, result.duration)
         self.settle(inflight, result.outcome, now, result.duration, result.error, result.retry_after)
 
     def worker_exited(self, event: WorkerExited, now: float) -> None:
@@ -183,7 +190,9 @@ class Settler:
             exit_code=event.exit_code,
             tasks_done=event.worker.tasks_done,
         )
+        self.metrics.worker_exited(event.cause)
         if event.inflight is not None:
+            self.metrics.ran(event.inflight.task, event.ran_for)
             self.backlog.finished(event.inflight)
             self.settle(event.inflight, event.outcome, now, event.ran_for, event.reason)
 
@@ -221,6 +230,7 @@ class Settler:
             self._ack([inflight.ack_id])
             self.attempts.forget(inflight.message.message_id)
             self.counters.dead_lettered += 1
+            self.metrics.forwarded(inflight.task)
             self.log.warning("message.dead_lettered", **fields, dead_letter_message_id=result.detail, outcome="dead_lettered")
         else:
             delay = delivery.MAX_DELAY
@@ -244,6 +254,7 @@ class Settler:
         expired_for = now - (self.leases.expires_at(inflight.ack_id) or now)
         self.release(inflight)
         self.counters.lease_lapsed += 1
+        self.metrics.lapsed()
         self.log.warning(
             "lease.lapsed",
             message_id=inflight.message.message_id,
@@ -273,6 +284,7 @@ class Settler:
             self.leases.ack_deadline = self.lease_length()
             self._modack(due, self.leases.ack_deadline)
             self.leases.renewed(due, now)
+            self.metrics.renewed(len(due))
         return len(due)
 
     def lease_length(self) -> int:

@@ -18,28 +18,33 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .backlog import Backlog
 from .components import Components
 from .config import Settings
+from .control import ControlServer
 from .errors import ExitCode
 from .forwarder import Forwarded
 from .inbox import Inbox
 from .intake import Intake
 from .limits import check_concurrency, max_concurrency, raise_nofile
 from .logsetup import get_logger
+from .metrics import Metrics, NullMetrics
 from .pool import KILL_GRACE, ForkServerDied, KillReason, PoolEvent, WorkerExited, WorkerResult, WorkerStarted, fork_server_spec
+from .proctitle import set_title
 from .protocol import Outcome
 from .pubsub import connect
 from .puller import PullResult
 from .reload import Reloader
+from .report import Reporter
 from .safety import SafetyNet
 from .settler import Counters, SettlePolicy, Settler
 from .signals import SignalQueue
+from .steering import Steering
 from .systemd import Notifier
 
 STARTUP_TIMEOUT = 60.0  # seconds to start the workers before giving up
 QUICK_STOP_GRACE = 1.0  # SIGTERM -> SIGKILL grace for running tasks on a second stop signal
-STATUS_INTERVAL = 2.0
 MAX_SLEEP = 1.0
 # Timeouts, kill escalation, lease renewals, watchdog and status are checked this often. Leases are
 # renewed with 40 % of their deadline (>= 4 s) to spare, so a 0.1 s lateness costs nothing.
@@ -83,19 +88,27 @@ class Supervisor:
         self.pubsub = self.components.pubsub(settings)
         self.io = self.components.io_threads(self.pubsub, settings, self.inbox)
         forward = self.io.forwarder.forward if self.io.forwarder else None
-        self.settler = Settler.of(settings, self.io.acker.ack, self.io.acker.modack, forward, self.backlog, self.counters, self.log)
+        self.metrics = Metrics(__version__, self.pubsub.rpcs.snapshot) if settings.metrics.listen else NullMetrics()
+        self.settler = Settler.of(
+            settings, self.io.acker.ack, self.io.acker.modack, forward, self.backlog, self.counters, self.log, self.metrics
+        )
         self.pool = self.components.pool(fork_server_spec(settings), settings.workers.concurrency, self._forget_fd)
         self.safety = SafetyNet(self.settler, self.counters, self.log, clock, self.on_errors_exhausted)
         self.intake = Intake(settings, self.settler, self.backlog, self.safety.caught)
+        self.reporter = Reporter(self.notifier, self.metrics, self.pool, self.backlog, self.settler, self.io.puller)
+        self.control: ControlServer | None = None
+        self.paused = False  # `consumerd pause`: no pulls; what is here runs on
+        self.steering = Steering(self)
         self.drain_deadline: float | None = None
         self.stop_deadline: float | None = None
-        self._next_status = 0.0
         self._next_housekeeping = 0.0
 
     # == the table of contents =================================================================
     def run(self) -> ExitCode:
         try:
+            set_title(f"supervisor [{self.settings.pubsub.subscription}]")
             self.signals.install(self.selector)
+            self.start_observability()
             self.start_pool()
             self.connect_pubsub()
             if self.await_workers():
@@ -128,9 +141,15 @@ class Supervisor:
         self.pool.escalate_kills(now)
         self.settler.renew_leases(now)
         self.intake.prune(now)
-        self.report(now)
+        self.reporter.housekeeping(now, self.state.value, self.concurrency)
+        self.steering.drop_stale(now)
 
     # == start-up ==============================================================================
+    def start_observability(self) -> None:
+        """Metrics, probes and the control socket first: they answer while the rest starts."""
+        self.reporter.serve(self.settings.metrics.listen, self.resources, self.log)
+        self.control = self.steering.listen(self.settings.control.socket_path(), self.settings.control.group, self.resources)
+
     def start_pool(self) -> None:
         nofile = raise_nofile()
         check_concurrency(self.concurrency, nofile)
@@ -138,6 +157,7 @@ class Supervisor:
         self.resources.callback(self.pool.stop)
         self.intake.task_names = frozenset(self.pool.start())
         self.settings.check_task_names(self.intake.task_names)
+        self.metrics.known_tasks(self.intake.task_names)
         self.selector.register(self.pool.control_fd, selectors.EVENT_READ, self._on_control_readable)
         self.pool.spawn_missing()
         self.log.info("workers.starting", concurrency=self.concurrency, tasks=sorted(self.intake.task_names), nofile=nofile)
@@ -176,7 +196,8 @@ class Supervisor:
 
     def notify_ready(self) -> None:
         self.state = State.RUNNING
-        self.notifier.ready(self.status_text())
+        self.reporter.ready = True
+        self.notifier.ready(self.reporter.status_text(self.state.value))
         self.log.info(
             "daemon.ready",
             subscription=self.pubsub.subscription,
@@ -187,6 +208,7 @@ class Supervisor:
 
     # == the loop ==============================================================================
     def wait_for_events(self, timeout: float | None = None) -> None:
+        self.reporter.tick(self.clock(), self.state.value, self.paused)
         if timeout is None:
             timeout = max(0.0, self.next_wakeup() - self.clock())
         for key, _ in self.selector.select(timeout):
@@ -268,7 +290,7 @@ class Supervisor:
         merged = self.reloader.reload(self.settings, self.max_concurrency, self.log)
         if merged is not None:
             self.apply_settings(merged)
-        self.notifier.ready(self.status_text())
+        self.notifier.ready(self.reporter.status_text(self.state.value))
 
     def apply_settings(self, settings: Settings) -> None:
         """Run with ``settings`` from now on; running tasks keep the timeout they started with."""
@@ -299,7 +321,7 @@ class Supervisor:
     def collect_inbox(self, now: float) -> None:
         for item in self.inbox.take_all():
             if isinstance(item, PullResult):
-                self.intake.pulled(item.asked, item.received, now, running=self.state is State.RUNNING)
+                self.intake.pulled(item.asked, item.received, now, running=self.state is State.RUNNING and not self.paused)
             elif isinstance(item, Forwarded):
                 self.settler.on_forwarded(item, now)
 
@@ -308,25 +330,12 @@ class Supervisor:
             self.intake.dispatch(self.pool, now)
 
     def refill(self, now: float) -> None:
-        if self.state is not State.RUNNING:
+        if self.state is not State.RUNNING or self.paused:
             return
         self.pool.spawn_missing()
         n = self.intake.next_pull(self.concurrency, self.pool.busy_count())
         if n:
             self.io.puller.request(n)
-
-    def report(self, now: float) -> None:
-        self.notifier.ping_watchdog(now)
-        if now >= self._next_status:
-            self.notifier.status(self.status_text())
-            self._next_status = now + STATUS_INTERVAL
-
-    def status_text(self) -> str:
-        c = self.counters
-        return (
-            f"{self.state.value}: {self.pool.busy_count()} running, {len(self.backlog)} queued, "
-            f"{c.succeeded} succeeded, {c.failed} failed, {len(self.pool.workers)} workers"
-        )
 
     # == stopping ==============================================================================
     def begin_drain(self) -> None:
@@ -338,7 +347,7 @@ class Supervisor:
             self.settler.give_back(inflight)
         drain = self.settings.shutdown.drain_timeout
         self.drain_deadline = now + drain
-        self.notifier.stopping(self.status_text())
+        self.notifier.stopping(self.reporter.status_text(self.state.value))
         self.notifier.extend_timeout(drain + KILL_GRACE + FLUSH_TIMEOUT)
         self.log.info("drain.started", running=self.pool.busy_count(), given_back=len(unstarted), drain_timeout=drain)
 

@@ -19,6 +19,7 @@ from .channel import encode_result, job_reader, recv_frame
 from .delivery import valid_retry_after
 from .errors import ExitCode, Reject, Retry
 from .logsetup import get_logger
+from .proctitle import set_title, worker_title
 from .protocol import MAX_ERROR_CHARS, Job, Outcome, Result
 from .registry import Registry
 
@@ -33,7 +34,7 @@ def reset_process_state() -> None:
     random.seed()
 
 
-def serve(sock: socket.socket, registry: Registry, max_tasks: int) -> ExitCode:
+def serve(sock: socket.socket, registry: Registry, max_tasks: int, worker_id: int = 0) -> ExitCode:
     """Run jobs until the supervisor closes the channel or ``max_tasks`` were run; return the exit code."""
     log = get_logger("consumerd.worker")
     reader = job_reader()
@@ -45,9 +46,11 @@ def serve(sock: socket.socket, registry: Registry, max_tasks: int) -> ExitCode:
         if not isinstance(job, Job):
             log.error("worker.bad_job", received=type(job).__name__)
             return ExitCode.PROTOCOL
+        set_title(worker_title(worker_id, job.task, job.message.message_id))
         result = run_job(job, registry, log)
         sweep_children(log, job)  # before the result: the supervisor may close us right after it
         sock.sendall(encode_result(result))
+        set_title(worker_title(worker_id))
         done += 1
     return ExitCode.OK
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from consumerd.emulator import Emulator
-from tests.support.daemon import Daemon, daemon_env
+from harness.daemon import Daemon, daemon_env
 from tests.support.pubsub import toml
 
 

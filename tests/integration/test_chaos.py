@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.support.daemon import REPO
+from harness.daemon import REPO
 
 pytestmark = pytest.mark.integration
 

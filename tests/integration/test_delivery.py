@@ -9,7 +9,7 @@ import pytest
 
 from consumerd.config import PubSubSettings
 from consumerd.pubsub import PubSub
-from tests.support.daemon import PROJECT
+from harness.daemon import PROJECT
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from consumerd.emulator import free_port
+from harness.daemon import REPO, NotifySocket, daemon_env
 from harness.procinfo import alive, descendants, status_kb
-from tests.support.daemon import REPO, NotifySocket, daemon_env
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.daemon import REPO, Daemon, daemon_env
 from harness.procinfo import alive, process_table
-from tests.support.daemon import REPO, Daemon, daemon_env
 from tests.support.pubsub import toml
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.support.daemon import REPO, daemon_env
+from harness.daemon import REPO, daemon_env
 from tests.support.pubsub import toml
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,7 @@ from google.api_core import exceptions as gexc
 
 from consumerd.config import PubSubSettings
 from consumerd.pubsub import PubSub
-
-from .daemon import PROJECT
+from harness.daemon import PROJECT
 
 _names = itertools.count(1)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import PROJECT, REPO
+from harness.daemon import PROJECT, REPO
 
 HERE = Path(__file__).resolve().parent
 STATE_DIR = "/var/lib/consumerd"  # the service's StateDirectory: the only place it may write

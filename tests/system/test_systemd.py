@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.support.daemon import REPO
+from harness.daemon import REPO
 
 pytestmark = pytest.mark.system
 UNITS = ("consumerd.service", "consumerd@.service")

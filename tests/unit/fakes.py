@@ -16,7 +16,7 @@ from consumerd.backlog import InFlight
 from consumerd.components import IoThreads
 from consumerd.config import load_settings
 from consumerd.message import Message
-from consumerd.pool import KillReason, WorkerExited, WorkerResult
+from consumerd.pool import KillReason, RunningJob, WorkerExited, WorkerResult
 from consumerd.protocol import Outcome, Result
 from consumerd.pubsub import Received, RpcCounter, SubscriptionInfo
 from consumerd.puller import PullResult
@@ -110,6 +110,9 @@ class Pool:
     def busy_count(self) -> int:
         return len(self.running())
 
+    def jobs(self) -> list[Any]:
+        return [RunningJob(w.pid, w.inflight, 0.0) for w in self.workers.values() if w.inflight is not None]
+
     def assign(self, worker: Worker, inflight: InFlight, timeout: float, now: float) -> None:
         worker.inflight = inflight
         inflight.worker_pid = worker.pid
@@ -163,6 +166,7 @@ class Puller:
     def __init__(self) -> None:
         self.requests: list[int] = []
         self.stopped = False
+        self.last_error = ""
 
     def request(self, n: int) -> None:
         self.requests.append(n)

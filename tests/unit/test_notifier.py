@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from consumerd.systemd import Notifier
-from tests.support.daemon import NotifySocket
+from harness.daemon import NotifySocket
 
 
 @pytest.fixture

@@ -1,4 +1,7 @@
-"""Test harness: the real daemon as a child process, its JSON log events, and a real notify socket."""
+"""The real daemon as a child process, its JSON log events, and a real notify socket.
+
+The one helper the tests, the benchmarks and the chaos soak use to run `consumerd run`.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harness.procinfo import status_kb, workers_of
+
 Event = dict[str, Any]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PROJECT = "test-project"
 
 
@@ -31,12 +36,18 @@ class Daemon:
         command: list[str] | None = None,
         cwd: Path = REPO,
         nofile: int | None = None,
+        log: Path | None = None,
+        only: frozenset[str] | None = None,
     ) -> None:
         self.config = config
         self.env = env
         self.command = command or [sys.executable, "-m", "consumerd"]
         self.cwd = cwd
         self.nofile = nofile  # RLIMIT_NOFILE (soft and hard) for the daemon
+        self.log = log.open("a") if log else None  # every line, appended (one file across restarts)
+        self.only = only  # parse and keep only these events (the benchmarks: no CPU spent on the rest)
+        self.peak_rss_mb = 0.0
+        self._reader_done = threading.Event()
         self.events: list[Event] = []
         self.raw: list[str] = []
         self.stderr = ""
@@ -64,6 +75,10 @@ class Daemon:
     def _read_stdout(self) -> None:
         assert self.process and self.process.stdout
         for line in self.process.stdout:
+            if self.log:
+                self.log.write(line)
+            if self.only is not None and not any(f'"{name}"' in line for name in self.only):
+                continue
             with self._cond:
                 self.raw.append(line)
                 try:
@@ -71,6 +86,9 @@ class Daemon:
                 except json.JSONDecodeError:
                     pass
                 self._cond.notify_all()
+        if self.log:
+            self.log.close()
+        self._reader_done.set()
 
     def _read_stderr(self) -> None:
         assert self.process and self.process.stderr
@@ -129,14 +147,43 @@ class Daemon:
         assert self.process
         return self.process.wait(timeout)
 
-    def stop(self) -> None:
+    def wait_ready(self, timeout: float = 60) -> Event:
+        return self.wait_for("daemon.ready", timeout=timeout)[0]
+
+    def alive(self) -> bool:
+        return bool(self.process and self.process.poll() is None)
+
+    def stop(self, timeout: float = 30) -> Event | None:
+        """SIGTERM (drain) and wait; SIGKILL past ``timeout``. Returns the daemon.stopped event, if any."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(30)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        return self.stopped_event()
+
+    def stopped_event(self) -> Event | None:
+        self._reader_done.wait(2)  # the reader thread may still be reading the last lines
+        found = self.select("daemon.stopped")
+        return found[-1] if found else None
+
+    def kill(self) -> None:
+        assert self.process
+        self.process.kill()
+        self.process.wait()
+
+    def workers(self) -> list[int]:
+        return workers_of(self.pid)
+
+    def sample_rss(self) -> float:
+        self.peak_rss_mb = max(self.peak_rss_mb, (status_kb(self.pid, "VmHWM") or 0) / 1024)
+        return self.peak_rss_mb
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class NotifySocket:
@@ -183,6 +230,7 @@ def daemon_env(emulator_host: str, ledger_dir: Path, **extra: str) -> dict[str, 
         GOOGLE_CLOUD_PROJECT=PROJECT,
         TEST_LEDGER_DIR=str(ledger_dir),
         PYTHONPATH=str(REPO),
+        CONSUMERD_METRICS__LISTEN="127.0.0.1:0",  # any free port: tests run several daemons at once
     )
     env.update(extra)
     return env
