@@ -33,6 +33,7 @@ def plan(quick: bool, cores: int) -> list[Run]:
                 if quick and mtpc == 1 and workload != "noop":
                     continue
                 runs.append(Run("consumerd", workload, n[workload], concurrency, mtpc))
+    runs.append(Run("consumerd", "noop", n["noop"], cores, 0, metrics=False))  # the cost of metrics: on vs off
     runs += [Run("subscribe", "io100", n["io100"]), Run("blog", "io100", n["io100"])]
     runs += [Run("consumerd", "io100", n["io100"], 32, mtpc) for mtpc in ((0,) if quick else (0, 1))]
     return runs
@@ -140,6 +141,12 @@ def targets(summary: list[dict], scaling: list[dict], idle: dict, lease: dict, c
         ("heavy tail: >= 5x blog design", best("tail"), 5 * _throughput(summary, "blog", "tail"), ">="),
         ("no-op: >= 50 % of the ceiling", best("noop"), 0.5 * ceiling, ">="),
         ("I/O 100 ms at 32: >= 90 % of min(320/s, ceiling)", best("io100"), 0.9 * min(320.0, ceiling or 320.0), ">="),
+        (
+            "metrics on: no-op >= 95 % of metrics off",
+            _throughput(summary, f"consumerd c={cores} mtpc=0", "noop"),
+            0.95 * _throughput(summary, f"consumerd c={cores} mtpc=0 metrics=off", "noop"),
+            ">=",
+        ),
         ("idle to busy: start p50 <= 100 ms", idle["start_latency_ms_p50"], 100.0, "<="),
         ("idle supervisor CPU < 1 % of a core", idle["idle_cpu_percent"], 1.0, "<="),
         ("supervisor RSS <= 80 MB", consumerd_rss, 80.0, "<="),

@@ -32,12 +32,13 @@ class Run:
     n: int
     concurrency: int = 0  # consumerd only
     max_tasks_per_child: int = 0
+    metrics: bool = True  # consumerd only: [metrics] listen on a free port, or "" (off)
 
     @property
     def label(self) -> str:
         if self.contender != "consumerd":
             return self.contender
-        return f"consumerd c={self.concurrency} mtpc={self.max_tasks_per_child}"
+        return f"consumerd c={self.concurrency} mtpc={self.max_tasks_per_child}" + ("" if self.metrics else " metrics=off")
 
 
 class Runner:
@@ -107,7 +108,8 @@ class Runner:
 
     # -- consumerd -------------------------------------------------------------------------------
     def _run_consumerd(self, sub: str, run: Run, out: Path) -> tuple[float, dict[str, Any]]:
-        daemon = start_daemon(self._config(sub, run.concurrency, run.max_tasks_per_child), self._env(out))
+        env = self._env(out) | ({} if run.metrics else {"CONSUMERD_METRICS__LISTEN": ""})
+        daemon = start_daemon(self._config(sub, run.concurrency, run.max_tasks_per_child), env)
         try:
             ready_ts = ready_at(daemon)
             cpu_at_ready = daemon.cpu_seconds()  # start-up (imports, connecting) is not per message

@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 
+from . import tracing
 from .errors import ConfigError, ExitCode, WorkerProtocolError
 from .inbox import drain_fd
 from .logsetup import configure_logging, get_logger
@@ -109,6 +110,7 @@ class ForkServer:
         except ConfigError as exc:
             send_packet(self.control, PreloadFailed(str(exc)))
             return False
+        tracing.configure(self.spec.tracing, self.log)
         send_packet(self.control, Ready(tuple(spec.name for spec in self.registry.specs())))
         return True
 
@@ -166,6 +168,7 @@ class ForkServer:
             reset_process_state()
             set_title(worker_title(worker_id))
             code = serve(sock, self.registry, self.spec.max_tasks_per_child, worker_id)  # type: ignore[arg-type]
+            tracing.flush()
         except BaseException:  # noqa: BLE001 - a forked child must never return into the server's loop
             code = ExitCode.SOFTWARE
         finally:

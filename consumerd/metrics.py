@@ -22,6 +22,8 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from .errors import ConfigError
+from .handles import KillReason
+from .protocol import Outcome
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 ATTEMPT_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100)
@@ -83,9 +85,15 @@ class Metrics:
         self.health = Health()
 
     def known_tasks(self, names: frozenset[str]) -> None:
+        """Every known series exists from the start, at 0: rate() and alerts see the first event."""
         self.tasks = names
-        for name in names:  # every task's series exists from the start, at 0
+        for name in (*names, "unknown"):
             self.duration.labels(name)
+            self.dead_lettered.labels(name)
+            for outcome in Outcome:
+                self.messages.labels(name, outcome.value)
+        for cause in (*KillReason, "exit_0", "exit_nonzero"):
+            self.worker_exits.labels(str(cause))
 
     def _task(self, name: str) -> str:
         return name if name in self.tasks else "unknown"

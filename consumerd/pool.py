@@ -61,6 +61,7 @@ def fork_server_spec(settings: Settings) -> ForkServerSpec:
         log_format=settings.logging.format,
         log_level=settings.logging.level,
         max_tasks_per_child=settings.workers.max_tasks_per_child,
+        tracing=settings.tracing.enabled,
     )
 
 

@@ -52,6 +52,7 @@ class ForkServerSpec:
     log_format: str
     log_level: str
     max_tasks_per_child: int
+    tracing: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

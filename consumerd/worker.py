@@ -22,6 +22,7 @@ from .logsetup import get_logger
 from .proctitle import set_title, worker_title
 from .protocol import MAX_ERROR_CHARS, Job, Outcome, Result
 from .registry import Registry
+from .tracing import task_span
 
 
 def reset_process_state() -> None:
@@ -94,7 +95,8 @@ def run_job(job: Job, registry: Registry, log: Any) -> Result:
         return Result(job.seq, Outcome.UNKNOWN_TASK, 0.0, f"unknown task {job.task!r}")
     started = time.monotonic()
     try:
-        spec.func(job.message)
+        with task_span(job.message, job.task):
+            spec.func(job.message)
     except Retry as exc:
         return retry_result(job, exc, time.monotonic() - started, log)
     except Reject as exc:

@@ -254,3 +254,24 @@ def fd_probe(msg: Message) -> None:
         except OSError:
             pass
     record("fds=" + ",".join(kinds).replace(" ", "_"), msg)
+
+
+@task("trace_probe")
+def trace_probe(msg: Message) -> None:
+    """Record the span the task runs in (trace id, name, kind, attributes) and log one event."""
+    import json
+
+    import structlog
+    from opentelemetry import trace
+
+    span = trace.get_current_span()
+    context = span.get_span_context()
+    seen = {
+        "trace_id": format(context.trace_id, "032x"),
+        "name": getattr(span, "name", ""),
+        "kind": str(getattr(span, "kind", "")),
+        "attributes": dict(getattr(span, "attributes", {}) or {}),
+    }
+    Path(os.environ["TEST_LEDGER_DIR"], f"trace-{msg.message_id}.json").write_text(json.dumps(seen))
+    structlog.get_logger("task").info("task.traced_event", message_id=msg.message_id)
+    record("done", msg)

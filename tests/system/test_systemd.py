@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -159,3 +160,25 @@ def test_hardened_unit_runs_unprivileged_and_writes_only_its_state(guest, servic
         assert f"denied:{path}" in events
     main_uid = guest.sh(f"awk '/^Uid:/ {{print $2}}' /proc/{guest.show()['MainPID']}/status").stdout.strip()
     assert main_uid != "0"
+
+
+def test_control_socket_answers_root_and_refuses_other_users(guest, service, broker):
+    topic, _ = service()
+    guest.sh("systemctl start consumerd")
+    [mid] = broker.publish(topic, data={"seconds": 10}, task="sleep")
+    deadline = time.monotonic() + 30
+    while mid not in guest.ledger_ids("start"):
+        assert time.monotonic() < deadline, "the task did not start"
+        time.sleep(0.1)
+    # As root, with no option: the CLI finds /run/consumerd/control.sock (RuntimeDirectory=consumerd).
+    status = json.loads(guest.sh("/opt/consumerd/bin/consumerd status --json").stdout)
+    assert status["state"] == "running" and [job["message_id"] for job in status["running"]] == [mid]
+    assert guest.sh("stat -c %a /run/consumerd/control.sock").stdout.strip() == "600"
+    refused = guest.sh("setpriv --reuid=65534 --regid=65534 --clear-groups /opt/consumerd/bin/consumerd status", check=False)
+    assert refused.returncode == 1 and "Permission denied" in refused.stderr
+    paused = guest.sh("/opt/consumerd/bin/consumerd pause --json")
+    assert json.loads(paused.stdout) == {"ok": True, "paused": True}
+    metrics = guest.sh(
+        "python3 -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode())\""
+    )
+    assert 'consumerd_build_info{version="0.1.0"} 1.0' in metrics.stdout
