@@ -2,21 +2,21 @@
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import PayloadError, Reject, Retry
+from .errors import PayloadError, Reject, Retry, TaskCancelled
 from .message import Message
 
 if TYPE_CHECKING:
-    from .registry import task
+    from .registry import on_worker_start, on_worker_stop, task
 
 __version__ = "0.1.0"
-__all__ = ["Message", "PayloadError", "Reject", "Retry", "task", "__version__"]
+__all__ = ["Message", "PayloadError", "Reject", "Retry", "TaskCancelled", "on_worker_start", "on_worker_stop", "task", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # `task` (the registry) is loaded on first use: task modules import it in the fork server, while
     # the supervisor, which only imports `consumerd.*` internals, never loads the registry at all.
-    if name == "task":
-        from .registry import task
+    if name in ("task", "on_worker_start", "on_worker_stop"):
+        from . import registry
 
-        return task
+        return getattr(registry, name)
     raise AttributeError(f"module 'consumerd' has no attribute {name!r}")

@@ -49,6 +49,8 @@ class Backlog:
         self.running_keys: set[str] = set()
         self.blocked_until: dict[str, float] = {}
         self.running_bytes = 0
+        self.task_caps: dict[str, int] = {}  # @task(concurrency=N): at most N of that task running
+        self.running_tasks: collections.Counter[str] = collections.Counter()
         self.held_bytes = 0  # waiting + running (+ being dead-lettered, until released)
 
     def __len__(self) -> int:
@@ -67,9 +69,10 @@ class Backlog:
         for index, inflight in enumerate(self.waiting):
             if not self._fits(inflight):
                 return None  # keep arrival order: nothing overtakes a big message waiting for room
-            if self._key_free(inflight.key, now):
+            if self._task_free(inflight.task) and self._key_free(inflight.key, now):
                 del self.waiting[index]
                 self.running_bytes += inflight.size
+                self.running_tasks[inflight.task] += 1
                 if self.ordered and inflight.key:
                     self.running_keys.add(inflight.key)
                 return inflight
@@ -79,6 +82,10 @@ class Backlog:
         if not self.max_running_bytes or not self.running_bytes:
             return True
         return self.running_bytes + inflight.size <= self.max_running_bytes
+
+    def _task_free(self, task: str) -> bool:
+        cap = self.task_caps.get(task)
+        return cap is None or self.running_tasks[task] < cap
 
     def _key_free(self, key: str, now: float) -> bool:
         if not (self.ordered and key):
@@ -95,6 +102,9 @@ class Backlog:
         """A started message is done running (whatever its fate)."""
         self.running_bytes -= inflight.size
         self.running_keys.discard(inflight.key)
+        self.running_tasks[inflight.task] -= 1
+        if self.running_tasks[inflight.task] <= 0:
+            del self.running_tasks[inflight.task]
 
     def released(self, inflight: InFlight) -> None:
         """The supervisor no longer holds the message (acked, given back, forwarded)."""

@@ -153,7 +153,7 @@ def _import_in_child(settings: Settings) -> list[str]:
 
     pool = Pool(fork_server_spec(settings), 0, forget=lambda _sock: None)
     try:
-        return pool.start()
+        return list(pool.start())
     finally:
         pool.stop()
 

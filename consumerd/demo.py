@@ -33,6 +33,12 @@ def hash_(msg: Message) -> None:
         digest = hashlib.sha256(digest).digest()
 
 
+@task("resize", concurrency=2, timeout=10, max_backoff=30)
+def resize(msg: Message) -> None:
+    """Per-task options: at most 2 run at once on this host (other tasks still run), 10 s timeout."""
+    time.sleep(float(msg.json().get("seconds", 1)) if msg.data else 1.0)
+
+
 @task("fail")
 def fail(msg: Message) -> None:
     """Always raises: shows a failure, the nack and the redelivery."""

@@ -20,11 +20,13 @@ from .emulator import Emulator
 PROJECT = "demo"
 TOPIC = "demo-jobs"
 SUBSCRIPTION = "demo-jobs"
+DEAD_LETTER_TOPIC = "demo-dead-letters"
 DEMO_MESSAGES = [
-    ("echo", "hello from make run", 3),
-    ("hash", '{"ms": 50}', 4),
+    ("echo", "hello from make run", 3),  # a plain sync task
+    ("hash", '{"ms": 50}', 4),  # CPU-bound: one core per worker
     ("sleep", '{"seconds": 2}', 2),
-    ("fail", "this one fails and comes back with a growing delay", 1),
+    ("resize", '{"seconds": 1}', 4),  # per-task options: at most 2 at once, its own 10 s timeout
+    ("fail", "this one fails: retried with backoff, then dead-lettered after 3 attempts", 1),
 ]
 
 
@@ -36,22 +38,41 @@ def main() -> int:
     with Emulator() as emulator:
         os.environ.update(PUBSUB_EMULATOR_HOST=emulator.host, GOOGLE_CLOUD_PROJECT=PROJECT)
         print(f"devrun: Pub/Sub emulator on {emulator.host} (log: {emulator.log_path})", flush=True)
-        consumerd(["setup", "--topic", TOPIC, "--subscription", SUBSCRIPTION, "--ack-deadline", "30"])
+        consumerd(
+            [
+                "setup",
+                "--topic",
+                TOPIC,
+                "--subscription",
+                SUBSCRIPTION,
+                "--ack-deadline",
+                "30",
+                "--dead-letter-topic",
+                DEAD_LETTER_TOPIC,
+                "--max-delivery-attempts",
+                "5",
+            ]
+        )
         daemon, notify = start_daemon(args.config)
         if not await_ready(notify, daemon):
             return daemon.wait()
         publish_demo_messages()
         print("devrun: demo messages published; press Ctrl-C to drain and stop", flush=True)
+        print(try_it(emulator.host), flush=True)
         code = daemon.wait()
         print(f"devrun: daemon exited with {code}; stopping the emulator", flush=True)
         return code
 
 
+RUN_DIR = tempfile.mkdtemp(prefix="consumerd-devrun-")  # this run's notify and control sockets
+CONTROL_SOCKET = os.path.join(RUN_DIR, "control.sock")
+
+
 def start_daemon(config: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    path = os.path.join(tempfile.mkdtemp(prefix="consumerd-devrun-"), "notify.sock")
+    path = os.path.join(RUN_DIR, "notify.sock")
     notify.bind(path)
-    env = dict(os.environ, NOTIFY_SOCKET=path)
+    env = dict(os.environ, NOTIFY_SOCKET=path, CONSUMERD_CONTROL__SOCKET=CONTROL_SOCKET)
     daemon = subprocess.Popen(
         [sys.executable, "-m", "consumerd", "run", "--config", config],
         env=env,
@@ -82,6 +103,16 @@ def publish_demo_messages() -> None:
                 consumerd(args)
             finally:
                 sys.stdout = stdout
+
+
+def try_it(host: str) -> str:
+    """A command a newcomer can paste into another terminal, for the emulator running now."""
+    cli = os.path.join(os.path.dirname(sys.executable), "consumerd")
+    return (
+        "devrun: send your own message from another terminal:\n"
+        f"  PUBSUB_EMULATOR_HOST={host} GOOGLE_CLOUD_PROJECT={PROJECT} {cli} publish --topic {TOPIC} --attr task=echo 'hi there'\n"
+        f"  (tasks: echo, hash, sleep, resize, fail, noop; status: {cli} status --socket {CONTROL_SOCKET})"
+    )
 
 
 if __name__ == "__main__":

@@ -72,3 +72,12 @@ class Reject(Exception):
 
 class PayloadError(Reject, ValueError):
     """`Message.json()` / `.text()` on a payload that does not decode: a reject, and a ValueError."""
+
+
+class TaskCancelled(BaseException):
+    """Raised inside a running task when the daemon ends it: its timeout passed, or the daemon stops.
+
+    A BaseException, like KeyboardInterrupt, so a task's `except Exception:` does not swallow it:
+    `finally:` blocks and `except TaskCancelled:` clean-ups run, then the worker exits. A task that
+    ignores it is killed (SIGKILL) after the kill grace (5 s).
+    """

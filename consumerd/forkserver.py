@@ -111,7 +111,7 @@ class ForkServer:
             send_packet(self.control, PreloadFailed(str(exc)))
             return False
         tracing.configure(self.spec.tracing, self.log)
-        send_packet(self.control, Ready(tuple(spec.name for spec in self.registry.specs())))
+        send_packet(self.control, Ready(tuple((spec.name, spec.options) for spec in self.registry.specs())))
         return True
 
     def install_signal_handlers(self) -> None:

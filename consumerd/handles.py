@@ -93,6 +93,11 @@ class WorkerExited:
         return os.waitstatus_to_exitcode(self.status)
 
     @property
+    def start_hook_failed(self) -> bool:
+        """It exited by itself with EX_CONFIG before taking a job: an on_worker_start hook raised."""
+        return self.inflight is None and self.kill_reason is None and self.exit_code == 78
+
+    @property
     def cause(self) -> str:
         """A bounded label for metrics: our kill reason, else how it ended by itself."""
         if self.kill_reason is not None:

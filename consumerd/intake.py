@@ -17,6 +17,7 @@ from .backlog import Backlog, InFlight
 from .config import Settings
 from .flow import Ewma, prefetch_allowance, pull_size
 from .pool import Pool
+from .protocol import TaskOptions
 from .pubsub import Received
 from .settler import Settler
 
@@ -34,18 +35,32 @@ class Intake:
         self.attempts = settler.attempts
         self.router = Router(settings.tasks.route_attribute, settings.tasks.default)
         self.task_names: frozenset[str] = frozenset()  # known once the fork server imported the modules
+        self.task_options: dict[str, TaskOptions] = {}
         self.lease_deadline = 10  # the subscription's ack deadline: what a pulled message holds
         self.requested = 0  # messages asked of the pull in flight
         self.task_seconds = Ewma()  # how long tasks take: sizes the prefetch buffer
         self._next_prune = 0.0
 
+    def set_tasks(self, tasks: dict[str, TaskOptions]) -> None:
+        """The tasks the fork server found, with their `@task(...)` options (kept across reloads)."""
+        self.task_names = frozenset(tasks)
+        self.task_options = tasks
+        self.settler.task_options = tasks
+        self.backlog.task_caps = {name: o.concurrency for name, o in tasks.items() if o.concurrency}
+
+    def timeout_of(self, task: str) -> float:
+        options = self.task_options.get(task)
+        return options.timeout if options and options.timeout is not None else self.settings.workers.task_timeout
+
     # -- in ----------------------------------------------------------------------------------
-    def pulled(self, asked: int, received: list[Received], now: float, running: bool) -> None:
+    def pulled(self, asked: int, received: list[Received], now: float, running: bool, received_at: float | None = None) -> None:
+        """A pull's messages. ``received_at`` (default ``now``) is when their leases are taken to have
+        begun: after the loop stalled, a pull may have been answered while it was frozen."""
         self.requested -= asked
         for item in received:
             inflight = None
             try:
-                inflight = self.receive(item, now)
+                inflight = self.receive(item, now if received_at is None else received_at)
                 self.admit(inflight, now, running)
             except Exception as exc:  # noqa: BLE001 - the safety net, with this message to give back
                 self.on_error("admit", exc, inflight)
@@ -69,7 +84,7 @@ class Intake:
             size=inflight.size,
             attempt=inflight.attempt,
             key_held_for=self.backlog.key_blocked_for(inflight.key, now),
-            limits=admission.Limits(self.settings.flow.max_message_bytes, self.settings.dead_letter.max_attempts),
+            limits=admission.Limits(self.settings.flow.max_message_bytes, self.settler.max_attempts_of(inflight.task)),
         )
         if verdict.verdict is Verdict.QUEUE:
             self.backlog.enqueue(inflight)
@@ -89,7 +104,7 @@ class Intake:
                     self.backlog.finished(inflight)  # it never ran: frees its key and bytes
                     self.settler.drop_lapsed(inflight, now)
                 else:
-                    pool.assign(idle.pop(), inflight, self.settings.workers.task_timeout, now)
+                    pool.assign(idle.pop(), inflight, self.timeout_of(inflight.task), now)
             except Exception as exc:  # noqa: BLE001 - the safety net, with this message to give back
                 self.on_error("dispatch", exc, inflight)
 

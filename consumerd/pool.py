@@ -41,6 +41,7 @@ from .protocol import (
     Result,
     Spawn,
     Spawned,
+    TaskOptions,
     decode_control,
     encode_control,
 )
@@ -89,8 +90,8 @@ class Pool:
         self._seq = itertools.count(1)
 
     # -- fork server ---------------------------------------------------------------------
-    def start(self, timeout: float = 60.0) -> list[str]:
-        """Start the fork server, wait until it imported the task modules; return their task names."""
+    def start(self, timeout: float = 60.0) -> dict[str, TaskOptions]:
+        """Start the fork server, wait until it imported the task modules; return their tasks' options."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._server = subprocess.Popen(
             [sys.executable, "-I", "-c", _BOOTSTRAP, str(theirs.fileno())],
@@ -110,7 +111,7 @@ class Pool:
             raise ConfigError(reply.error)
         if not isinstance(reply, Ready):
             raise ForkServerDied(f"fork server sent {type(reply).__name__} before Ready")
-        return list(reply.tasks)
+        return dict(reply.tasks)
 
     @property
     def control_fd(self) -> int:

@@ -44,6 +44,34 @@ WORKER_OUTCOMES = frozenset({Outcome.SUCCESS, Outcome.ERROR, Outcome.RETRY, Outc
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """Per-task overrides of the global settings, from `@task(...)`; None = the global value."""
+
+    timeout: float | None = None  # replaces workers.task_timeout
+    concurrency: int | None = None  # at most this many of the task run at once on this host
+    min_backoff: float | None = None  # replace retry.min_backoff / max_backoff
+    max_backoff: float | None = None
+    max_attempts: int | None = None  # replaces dead_letter.max_attempts
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values (empty: valid). Checked where they are made and received."""
+        out = []
+        if self.timeout is not None and not (_is_number(self.timeout) and 0 < self.timeout <= 86400):
+            out.append("timeout must be a number of seconds in (0, 86400]")
+        if self.concurrency is not None and not (_is_int(self.concurrency) and 1 <= self.concurrency <= 1024):
+            out.append("concurrency must be a whole number from 1 to 1024")
+        for name in ("min_backoff", "max_backoff"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and 0 <= value <= 600):
+                out.append(f"{name} must be a number of seconds from 0 to 600")
+        if _is_number(self.min_backoff) and _is_number(self.max_backoff) and self.min_backoff > self.max_backoff:  # type: ignore[operator]
+            out.append("min_backoff must not exceed max_backoff")
+        if self.max_attempts is not None and not (_is_int(self.max_attempts) and 1 <= self.max_attempts <= 1000):
+            out.append("max_attempts must be a whole number from 1 to 1000")
+        return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ForkServerSpec:
     """What the fork server needs to preload: the same imports and logging as the supervisor."""
 
@@ -106,9 +134,9 @@ class Spawn:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Ready:
-    """fork server -> supervisor: the task modules imported; these tasks exist."""
+    """fork server -> supervisor: the task modules imported; these tasks exist, with their options."""
 
-    tasks: tuple[str, ...]
+    tasks: tuple[tuple[str, TaskOptions], ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -146,7 +174,10 @@ _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
 
 def encode_control(packet: ControlPacket) -> bytes:
-    fields = {f.name: getattr(packet, f.name) for f in dataclasses.fields(packet)}
+    if isinstance(packet, Ready):
+        fields: dict[str, Any] = {"tasks": [{"name": name, **dataclasses.asdict(options)} for name, options in packet.tasks]}
+    else:
+        fields = {f.name: getattr(packet, f.name) for f in dataclasses.fields(packet)}
     data = json.dumps({"kind": _KIND_OF[type(packet)], **fields}, separators=(",", ":")).encode()
     if len(data) > MAX_PACKET:
         raise ValueError(f"control packet of {len(data)} bytes exceeds {MAX_PACKET}")
@@ -161,11 +192,9 @@ def decode_control(payload: bytes) -> ControlPacket:
     kind = obj.pop("kind")
     if kind == "ready":
         tasks = obj.get("tasks")
-        if not (isinstance(tasks, list) and len(tasks) <= MAX_TASKS and all(isinstance(t, str) for t in tasks)):
-            raise WorkerProtocolError("control packet ready: tasks must be a list of names")
-        if set(obj) != {"tasks"}:
-            raise WorkerProtocolError("control packet ready: unexpected fields")
-        return Ready(tuple(tasks))
+        if set(obj) != {"tasks"} or not (isinstance(tasks, list) and len(tasks) <= MAX_TASKS):
+            raise WorkerProtocolError("control packet ready: expected a list of tasks")
+        return Ready(tuple(_task_entry(entry) for entry in tasks))
     if kind == "preload_failed":
         if set(obj) != {"error"} or not isinstance(obj["error"], str):
             raise WorkerProtocolError("control packet preload_failed: error must be text")
@@ -175,6 +204,18 @@ def decode_control(payload: bytes) -> ControlPacket:
     if set(obj) != names or not all(_is_int(v) for v in obj.values()):
         raise WorkerProtocolError(f"control packet {kind}: expected integer fields {sorted(names)}")
     return cls(**obj)
+
+
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(TaskOptions))
+
+
+def _task_entry(entry: object) -> tuple[str, TaskOptions]:
+    if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and set(entry) == {"name"} | _OPTION_NAMES):
+        raise WorkerProtocolError("control packet ready: each task is {name, options...}")
+    options = TaskOptions(**{k: v for k, v in entry.items() if k != "name"})
+    if problems := options.problems():
+        raise WorkerProtocolError(f"control packet ready: task {entry['name'][:80]!r}: {problems[0]}")
+    return entry["name"], options
 
 
 def _json(payload: bytes) -> Any:

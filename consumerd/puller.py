@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 
 from .backoff import Backoff
@@ -22,6 +23,7 @@ PULL_TIMEOUT = 30.0  # an empty long-poll returns after about this long (the emu
 class PullResult:
     asked: int
     received: list  # list[pubsub.Received]; typed loosely so this module needs no google import
+    sent_at: float = float("-inf")  # time.monotonic() when the pull that answered was sent
 
 
 class Puller:
@@ -66,23 +68,24 @@ class Puller:
                 if self._stopping:
                     return
                 asked, self._wanted = self._wanted, 0
-            received = self._pull_with_retry(asked)
+            sent_at, received = self._pull_with_retry(asked)
             if received is None:
                 return
-            self._inbox.post(PullResult(asked, received))
+            self._inbox.post(PullResult(asked, received, sent_at))
 
-    def _pull_with_retry(self, asked: int) -> list | None:
+    def _pull_with_retry(self, asked: int) -> tuple[float, list | None]:
         attempt = 0
         while not self._stopping:
+            sent_at = time.monotonic()
             try:
                 received = self._pull(asked, self._timeout)
                 self.last_error = ""
                 if attempt:
                     self.log.info("pubsub.pull_recovered", after_attempts=attempt)
-                return received
+                return sent_at, received
             except Exception as exc:  # noqa: BLE001 - every failure is retried; the loop must live on
                 if self._stopping:
-                    return None
+                    return sent_at, None
                 attempt += 1
                 self.last_error = _describe(exc)  # read by the readiness probe: one str assignment
                 delay = self._backoff.delay(attempt)
@@ -90,7 +93,7 @@ class Puller:
                 getattr(self.log, level)("pubsub.pull_failed", error=_describe(exc), attempt=attempt, retry_in_s=round(delay, 3))
                 with self._cond:
                     self._cond.wait_for(lambda: self._stopping, timeout=delay)
-        return None
+        return 0.0, None
 
 
 def _describe(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 
 from .errors import RegistryError
 from .message import Message
+from .protocol import TaskOptions
 
 TaskFunc = Callable[[Message], object]
 ENTRY_POINT_GROUP = "consumerd.tasks"
@@ -20,6 +21,7 @@ class TaskSpec:
     name: str
     func: TaskFunc
     origin: str  # "module.qualname (file:line)", for `consumerd tasks` and duplicate errors
+    options: TaskOptions = TaskOptions()
 
 
 class Registry:
@@ -27,14 +29,18 @@ class Registry:
 
     def __init__(self) -> None:
         self._tasks: dict[str, TaskSpec] = {}
+        self.start_hooks: list[Callable[[], object]] = []  # run in each worker after the fork
+        self.stop_hooks: list[Callable[[], object]] = []  # run in each worker before it exits
 
-    def register(self, name: str, func: TaskFunc) -> None:
+    def register(self, name: str, func: TaskFunc, options: TaskOptions = TaskOptions()) -> None:
         if not name or not isinstance(name, str):
             raise RegistryError(f"task name must be a non-empty string, got {name!r} for {_origin(func)}")
         existing = self._tasks.get(name)
         if existing is not None and existing.func is not func:
             raise RegistryError(f"task {name!r} is registered twice: {existing.origin} and {_origin(func)}")
-        self._tasks[name] = TaskSpec(name, func, _origin(func))
+        if problems := options.problems():
+            raise RegistryError(f"@task({name!r}) at {_origin(func)}: {'; '.join(problems)}")
+        self._tasks[name] = TaskSpec(name, func, _origin(func), options)
 
     def get(self, name: str) -> TaskSpec | None:
         return self._tasks.get(name)
@@ -47,25 +53,52 @@ class Registry:
 
     def clear(self) -> None:
         self._tasks.clear()
+        self.start_hooks.clear()
+        self.stop_hooks.clear()
 
 
 # The process-wide registry the @task decorator fills when task modules are imported.
 REGISTRY = Registry()
 
 
-def task(name: str) -> Callable[[TaskFunc], TaskFunc]:
+def task(
+    name: str,
+    *,
+    timeout: float | None = None,
+    concurrency: int | None = None,
+    min_backoff: float | None = None,
+    max_backoff: float | None = None,
+    max_attempts: int | None = None,
+) -> Callable[[TaskFunc], TaskFunc]:
     """Register ``func`` as the task for messages whose route attribute is ``name``.
 
-    Return normally for success; raise for failure (the message comes back later).
+    Return normally for success; raise for failure (the message comes back later). The options
+    override their global settings for this task only: ``timeout`` (workers.task_timeout),
+    ``concurrency`` (at most this many of it at once on this host), ``min_backoff``/``max_backoff``
+    (retry.*), ``max_attempts`` (dead_letter.max_attempts).
     """
+    options = TaskOptions(timeout, concurrency, min_backoff, max_backoff, max_attempts)
 
     def decorate(func: TaskFunc) -> TaskFunc:
         if not callable(func):
             raise RegistryError(f"@task({name!r}) must decorate a function, got {func!r}")
-        REGISTRY.register(name, func)
+        REGISTRY.register(name, func, options)
         return func
 
     return decorate
+
+
+def on_worker_start(func: Callable[[], object]) -> Callable[[], object]:
+    """Run ``func()`` in every worker right after it is forked, before its first task (open a pool,
+    seed a generator). If it raises, the daemon stops with exit 78 and the traceback is logged."""
+    REGISTRY.start_hooks.append(func)
+    return func
+
+
+def on_worker_stop(func: Callable[[], object]) -> Callable[[], object]:
+    """Run ``func()`` in every worker before it exits normally (close what the start hook opened)."""
+    REGISTRY.stop_hooks.append(func)
+    return func
 
 
 def load_task_modules(modules: Iterable[str], *, entry_points: bool = True) -> Registry:

@@ -39,6 +39,18 @@ class Reporter:
             resources.callback(server.stop)
             log.info("metrics.listening", address=server.address)
 
+    def announce_ready(self, subscription: str, concurrency: int, log: Any) -> None:
+        """READY=1 to systemd, ready to the probes, daemon.ready to the log."""
+        self.ready = True
+        self.notifier.ready(self.status_text("running"))
+        log.info(
+            "daemon.ready",
+            subscription=subscription,
+            concurrency=concurrency,
+            systemd=self.notifier.enabled,
+            watchdog_s=self.notifier.watchdog_interval,
+        )
+
     def tick(self, now: float, state: str, paused: bool) -> None:
         """Every tick: the probes' snapshot (one small immutable object)."""
         self.metrics.publish_health(Health(now, state, self.ready, paused, self.puller.last_error))

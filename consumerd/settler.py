@@ -27,7 +27,7 @@ from .histogram import Histogram
 from .leases import LeaseSchedule
 from .metrics import NullMetrics
 from .pool import WorkerExited
-from .protocol import Outcome, Result
+from .protocol import Outcome, Result, TaskOptions
 
 ADAPTIVE_MIN_SAMPLES = 10  # finished tasks before the lease length follows their durations
 MAX_ATTRIBUTE_VALUE = 1024  # characters kept of the error text in a dead-letter copy
@@ -88,6 +88,7 @@ class Settler:
         self.log = log
         self.counters = counters
         self.metrics = metrics if metrics is not None else NullMetrics()
+        self.task_options: dict[str, TaskOptions] = {}  # per-task overrides of the policy (@task options)
         self.forwarding: dict[str, InFlight] = {}  # ack id -> message being copied to the dead-letter topic
 
     @classmethod
@@ -118,6 +119,19 @@ class Settler:
             metrics=metrics,
         )
 
+    def retry_of(self, task: str) -> RetryPolicy:
+        """The retry policy for ``task``: its own backoff bounds where `@task` set them."""
+        options = self.task_options.get(task)
+        if options is None or (options.min_backoff is None and options.max_backoff is None):
+            return self.policy.retry
+        low = options.min_backoff if options.min_backoff is not None else self.policy.retry.min_backoff
+        high = options.max_backoff if options.max_backoff is not None else self.policy.retry.max_backoff
+        return RetryPolicy(min(low, high), high)
+
+    def max_attempts_of(self, task: str) -> int:
+        options = self.task_options.get(task)
+        return options.max_attempts if options and options.max_attempts is not None else self.policy.max_attempts
+
     def hold(self, inflight: InFlight, now: float, deadline: float) -> None:
         """A pulled message is ours until settled: its lease is renewed and its bytes counted."""
         self.counters.received += 1
@@ -142,9 +156,9 @@ class Settler:
         decision = delivery.decide(
             outcome,
             inflight.attempt,
-            self.policy.retry,
+            self.retry_of(inflight.task),
             dead_letter=self._forward is not None,
-            max_attempts=self.policy.max_attempts,
+            max_attempts=self.max_attempts_of(inflight.task),
             retry_after=retry_after,
         )
         fields = dict(
@@ -268,7 +282,7 @@ class Settler:
         """The safety net: handling this message raised. Give it back with its retry delay, once."""
         self.forwarding.pop(inflight.ack_id, None)
         if self.holds(inflight):
-            self.retry_later(inflight, self.policy.retry.delay(inflight.attempt), now)
+            self.retry_later(inflight, self.retry_of(inflight.task).delay(inflight.attempt), now)
             self.counters.failed += 1
 
     def release(self, inflight: InFlight) -> None:

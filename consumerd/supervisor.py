@@ -49,7 +49,9 @@ MAX_SLEEP = 1.0
 # Timeouts, kill escalation, lease renewals, watchdog and status are checked this often. Leases are
 # renewed with 40 % of their deadline (>= 4 s) to spare, so a 0.1 s lateness costs nothing.
 HOUSEKEEPING_INTERVAL = 0.1
-FROZEN_GAP = 1.0  # housekeeping this late means the loop did not run: look for lapsed leases
+# A tick this late means the loop did not run (SIGSTOP, a VM pause; it wakes at least every MAX_SLEEP):
+# look for lapsed leases, and date what a pull brought meanwhile from when the stall began.
+STALL = 2.0
 FLUSH_TIMEOUT = 10.0  # seconds to wait for the last acks/nacks at exit
 
 
@@ -102,6 +104,8 @@ class Supervisor:
         self.drain_deadline: float | None = None
         self.stop_deadline: float | None = None
         self._next_housekeeping = 0.0
+        self._last_tick = clock()
+        self._stall: tuple[float, float] | None = None  # the last time the loop did not run: (start, end)
 
     # == the table of contents =================================================================
     def run(self) -> ExitCode:
@@ -123,6 +127,9 @@ class Supervisor:
 
     def tick(self) -> None:
         now = self.clock()
+        if now - self._last_tick > STALL:
+            self._stall = (self._last_tick, now)
+        self._last_tick = now
         self.handle_signals()
         self.collect_inbox(now)
         self.dispatch(now)
@@ -134,7 +141,7 @@ class Supervisor:
 
     def housekeeping(self, now: float) -> None:
         """The periodic checks, at most every HOUSEKEEPING_INTERVAL, not on every event."""
-        if now - self._next_housekeeping > FROZEN_GAP:
+        if now - self._next_housekeeping > STALL:
             self.intake.drop_lapsed(now)  # the loop was frozen (SIGSTOP, a VM pause): before renewing
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
         self.pool.kill_overdue(now)
@@ -155,7 +162,7 @@ class Supervisor:
         check_concurrency(self.concurrency, nofile)
         self.max_concurrency = min(max_concurrency(nofile), 1024)
         self.resources.callback(self.pool.stop)
-        self.intake.task_names = frozenset(self.pool.start())
+        self.intake.set_tasks(self.pool.start())
         self.settings.check_task_names(self.intake.task_names)
         self.metrics.known_tasks(self.intake.task_names)
         self.selector.register(self.pool.control_fd, selectors.EVENT_READ, self._on_control_readable)
@@ -196,15 +203,8 @@ class Supervisor:
 
     def notify_ready(self) -> None:
         self.state = State.RUNNING
-        self.reporter.ready = True
-        self.notifier.ready(self.reporter.status_text(self.state.value))
-        self.log.info(
-            "daemon.ready",
-            subscription=self.pubsub.subscription,
-            concurrency=self.concurrency,
-            systemd=self.notifier.enabled,
-            watchdog_s=self.notifier.watchdog_interval,
-        )
+        self._last_tick = self.clock()
+        self.reporter.announce_ready(self.pubsub.subscription, self.concurrency, self.log)
 
     # == the loop ==============================================================================
     def wait_for_events(self, timeout: float | None = None) -> None:
@@ -256,6 +256,8 @@ class Supervisor:
             elif isinstance(event, WorkerExited):
                 with self.safety.guard("worker.exited", event.inflight):
                     self.settler.worker_exited(event, now)
+                    if event.start_hook_failed:
+                        self.fail("a worker's on_worker_start hook failed (worker.start_hook_failed)", ExitCode.CONFIG)
 
     def on_result(self, event: WorkerResult, now: float) -> None:
         self.intake.task_seconds.add(event.ran_for)
@@ -321,9 +323,16 @@ class Supervisor:
     def collect_inbox(self, now: float) -> None:
         for item in self.inbox.take_all():
             if isinstance(item, PullResult):
-                self.intake.pulled(item.asked, item.received, now, running=self.state is State.RUNNING and not self.paused)
+                running = self.state is State.RUNNING and not self.paused
+                self.intake.pulled(item.asked, item.received, now, running, self.lease_start(item.sent_at, now))
             elif isinstance(item, Forwarded):
                 self.settler.on_forwarded(item, now)
+
+    def lease_start(self, sent_at: float, now: float) -> float:
+        """When a pull's leases began: if it was outstanding while the loop stalled, the stall's start."""
+        if self._stall is None or sent_at > self._stall[1]:
+            return now
+        return max(sent_at, self._stall[0])
 
     def dispatch(self, now: float) -> None:
         if self.state is State.RUNNING and self.backlog:
@@ -367,10 +376,10 @@ class Supervisor:
         elif self.state is State.STOPPING and (not self.pool.busy_count() or now >= (self.stop_deadline or now)):
             self.state = State.STOPPED
 
-    def fail(self, reason: str) -> None:
-        """A fatal error in the loop: stop quickly, give every message back, exit 70."""
-        self.log.error("daemon.fatal", error=reason)
-        self.exit_code = ExitCode.SOFTWARE
+    def fail(self, reason: str, exit_code: ExitCode = ExitCode.SOFTWARE) -> None:
+        """A fatal error in the loop: stop quickly, give every message back, exit 70 (or ``exit_code``)."""
+        self.log.error("daemon.fatal", error=reason, exit_code=int(exit_code))
+        self.exit_code = exit_code
         if self.state in (State.RUNNING, State.DRAINING):
             self.io.puller.stop()
             for inflight in self.backlog.take_all():

@@ -17,7 +17,7 @@ from typing import Any
 
 from .channel import encode_result, job_reader, recv_frame
 from .delivery import valid_retry_after
-from .errors import ExitCode, Reject, Retry
+from .errors import ExitCode, Reject, Retry, TaskCancelled
 from .logsetup import get_logger
 from .proctitle import set_title, worker_title
 from .protocol import MAX_ERROR_CHARS, Job, Outcome, Result
@@ -28,16 +28,42 @@ from .tracing import task_span
 def reset_process_state() -> None:
     """Undo what the worker inherited from the fork server: signals, wake-up fd, random state."""
     signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU):
+    for signum in (signal.SIGHUP, signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(signum, signal.SIG_DFL)
+    # The first stage of a kill (timeout, drain): raise inside the task so its `finally:` blocks
+    # run; the supervisor sends SIGKILL after the kill grace if the task ignores it.
+    signal.signal(signal.SIGTERM, _cancel)
     # Ctrl-C on a terminal is the supervisor's to handle: it drains and stops workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     random.seed()
 
 
+def _cancel(_signum: int, _frame: object) -> None:
+    raise TaskCancelled("the daemon ended this task (task timeout, or stopping)")
+
+
 def serve(sock: socket.socket, registry: Registry, max_tasks: int, worker_id: int = 0) -> ExitCode:
-    """Run jobs until the supervisor closes the channel or ``max_tasks`` were run; return the exit code."""
+    """Run the start hooks, then jobs until the supervisor closes the channel or ``max_tasks`` were
+    run, then the stop hooks; return the exit code (CONFIG when a start hook failed)."""
     log = get_logger("consumerd.worker")
+    if not run_hooks(registry.start_hooks, "start", log):
+        return ExitCode.CONFIG
+    code = serve_jobs(sock, registry, max_tasks, worker_id, log)
+    run_hooks(registry.stop_hooks, "stop", log)
+    return code
+
+
+def run_hooks(hooks: list[Any], when: str, log: Any) -> bool:
+    for hook in hooks:
+        try:
+            hook()
+        except Exception as exc:
+            log.error(f"worker.{when}_hook_failed", hook=getattr(hook, "__qualname__", repr(hook)), error=describe(exc), exc_info=exc)
+            return False
+    return True
+
+
+def serve_jobs(sock: socket.socket, registry: Registry, max_tasks: int, worker_id: int, log: Any) -> ExitCode:
     reader = job_reader()
     done = 0
     while max_tasks == 0 or done < max_tasks:
@@ -101,6 +127,8 @@ def run_job(job: Job, registry: Registry, log: Any) -> Result:
         return retry_result(job, exc, time.monotonic() - started, log)
     except Reject as exc:
         return Result(job.seq, Outcome.REJECT, time.monotonic() - started, describe(exc))
+    except TaskCancelled:
+        raise  # the supervisor ended it: no result; its kill reason says what happened
     except BaseException as exc:
         duration = time.monotonic() - started
         log.warning(

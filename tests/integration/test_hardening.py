@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -186,12 +187,22 @@ def test_a_consumerd_directory_in_the_working_directory_cannot_replace_the_fork_
     assert not (tmp_path / "hijacked").exists()
 
 
-def test_a_frozen_supervisor_drops_lapsed_messages_instead_of_running_them(broker, topic_sub, make_daemon, ledger):
+def _status(socket_path: Path) -> dict:
+    from consumerd.control import request
+
+    return request(str(socket_path), "status")
+
+
+def test_a_frozen_supervisor_drops_lapsed_messages_instead_of_running_them(broker, topic_sub, make_daemon, ledger, tmp_path):
     topic, sub = topic_sub(ack_deadline=10)
     ids = broker.publish(topic, 400, data={"seconds": 0.05}, task="sleep")
-    first = make_daemon(sub, workers={"concurrency": 2})
+    socket_path = tmp_path / "first.sock"
+    first = make_daemon(sub, workers={"concurrency": 2}, control={"socket": str(socket_path)})
     first.wait_for("message.done", count=20, timeout=60)
-    os.kill(first.pid, signal.SIGSTOP)  # its queued messages' leases run out while it is frozen
+    deadline = time.monotonic() + 20
+    while _status(socket_path)["queued"] < 1:  # freeze it while messages wait in its queue
+        assert time.monotonic() < deadline, "nothing ever queued"
+    os.kill(first.pid, signal.SIGSTOP)  # their leases run out while it is frozen
     try:
         second = make_daemon(sub, workers={"concurrency": 4})
         deadline = time.monotonic() + 120
@@ -200,10 +211,14 @@ def test_a_frozen_supervisor_drops_lapsed_messages_instead_of_running_them(broke
             time.sleep(0.2)
     finally:
         os.kill(first.pid, signal.SIGCONT)
-    lapsed = first.wait_for("lease.lapsed", timeout=30)
+    first.wait_for("lease.lapsed", timeout=30)
+    [listening] = first.wait_for("metrics.listening")
+    metrics = urllib.request.urlopen(f"http://{listening['address']}/metrics", timeout=5).read().decode()
+    counted = float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("consumerd_lease_lapsed_total ")))
     first.stop(), second.stop()
+    lapsed = first.select("lease.lapsed")
     starts = [p[1] for p in ledger.lines() if p[0] == "start"]
     for event in lapsed:
         assert starts.count(event["message_id"]) == 1, f"{event['message_id']} ran again after its lease lapsed"
     [stopped] = first.select("daemon.stopped")
-    assert stopped["lease_lapsed"] == len(lapsed)
+    assert stopped["lease_lapsed"] == len(lapsed) and 1 <= counted <= len(lapsed)

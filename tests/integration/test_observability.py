@@ -60,20 +60,31 @@ def control(socket_path, *args: str, user: str | None = None) -> subprocess.Comp
 
 def test_metrics_count_a_known_workload(broker, topic_sub, make_daemon, ledger, tmp_path):
     topic, sub = topic_sub()
+    dl_topic, _ = topic_sub()
     ok = broker.publish(topic, 20, task="ok")
     flaky = broker.publish(topic, 5, task="raise_once")
+    crashing = broker.publish(topic, 2, task="exit_once")
+    [slow] = broker.publish(topic, data={"seconds": 7}, task="sleep")  # outlives 60 % of the 10 s lease: renewed
     [unknown] = broker.publish(topic, task="no_such_task")
-    daemon = make_daemon(sub, retry={"min_backoff": 0, "max_backoff": 600})  # failures back at once, poison held 600 s
-    daemon.wait_for_ids("message.done", set(ok + flaky), timeout=60)
-    daemon.wait_for("message.failed", message_id=unknown)
+    [rejected] = broker.publish(topic, task="reject")
+    daemon = make_daemon(sub, retry={"min_backoff": 0, "max_backoff": 0}, dead_letter={"topic": dl_topic})
+    daemon.wait_for_ids("message.done", set(ok + flaky + crashing + [slow]), timeout=60)
+    daemon.wait_for_ids("message.dead_lettered", {unknown, rejected})
     found = samples(daemon)
+    assert value(found, "consumerd_dead_lettered_total", task="reject") == 1
+    assert value(found, "consumerd_dead_lettered_total", task="unknown") == 1
+    assert value(found, "consumerd_messages_total", task="exit_once", outcome="crash") == 2
+    assert value(found, "consumerd_worker_exits_total", cause="exit_nonzero") == 2
+    assert value(found, "consumerd_lease_renewals_total") >= 1
+    assert value(found, "consumerd_lease_lapsed_total") == 0
     assert value(found, "consumerd_messages_total", task="ok", outcome="success") == 20
     assert value(found, "consumerd_messages_total", task="raise_once", outcome="success") == 5
     assert value(found, "consumerd_messages_total", task="raise_once", outcome="error") == 5
     assert value(found, "consumerd_messages_total", task="unknown", outcome="unknown_task") == 1
     assert value(found, "consumerd_task_duration_seconds_count", task="ok") == 20
     assert value(found, "consumerd_task_duration_seconds_count", task="raise_once") == 10
-    assert value(found, "consumerd_delivery_attempt_count") >= 31
+    assert value(found, "consumerd_task_duration_seconds_count", task="exit_once") == 4  # crashes count their run time too
+    assert value(found, "consumerd_delivery_attempt_count") == 20 + 10 + 4 + 1 + 2
     assert value(found, "consumerd_build_info", version="0.1.0") == 1
     assert value(found, "consumerd_rpc_total", rpc="pull") >= 1 and value(found, "consumerd_rpc_total", rpc="ack") >= 1
     assert value(found, "consumerd_state", state="running") == 1 and value(found, "consumerd_state", state="draining") == 0
@@ -129,6 +140,7 @@ def test_readyz_fails_while_pubsub_is_frozen_and_healthz_does_not(broker, tmp_pa
             status, reason = until(lambda: get(daemon, "/readyz"), lambda r: r[0] == 503)  # the next tick publishes it
             assert status == 503 and reason.startswith("Pub/Sub unreachable")
             assert get(daemon, "/healthz")[0] == 200
+            assert value(samples(daemon), "consumerd_rpc_errors_total", rpc="pull", code="DEADLINE_EXCEEDED") >= 1
         finally:
             own.signal(signal.SIGCONT)
         daemon.wait_for("pubsub.pull_recovered", timeout=60)
@@ -151,6 +163,8 @@ def test_status_shows_a_running_task_within_a_second(broker, topic_sub, make_dae
     [job] = answer["running"]
     assert job["message_id"] == mid and job["task"] == "sleep" and job["attempt"] >= 0 and job["rss_kb"] > 1000
     assert answer["state"] == "running" and answer["concurrency"] == 2 and answer["workers"] == 2
+    found = until(lambda: samples(daemon), lambda f: value(f, "consumerd_tasks_running") == 1)  # gauges: every 2 s
+    assert value(found, "consumerd_utilization") == 0.5 and value(found, "consumerd_held_bytes") > 0
     table = control(socket_path, "status").stdout
     assert mid in table and "sleep" in table and "state: running" in table
     # Process titles say what each process is and does.

@@ -275,3 +275,49 @@ def trace_probe(msg: Message) -> None:
     Path(os.environ["TEST_LEDGER_DIR"], f"trace-{msg.message_id}.json").write_text(json.dumps(seen))
     structlog.get_logger("task").info("task.traced_event", message_id=msg.message_id)
     record("done", msg)
+
+
+def _stamp(event: str, msg: Message) -> None:
+    record(f"{event}={time.time():.6f}", msg)
+
+
+@task("capped", concurrency=2)
+def capped(msg: Message) -> None:
+    """At most 2 at once on a host, whatever workers.concurrency is."""
+    _stamp("capped_start", msg)
+    time.sleep(0.3)
+    _stamp("capped_end", msg)
+
+
+@task("short_timeout", timeout=1)
+def short_timeout(msg: Message) -> None:
+    """Its own 1 s timeout, under a global task_timeout of 60 s."""
+    record("start", msg)
+    time.sleep(float(msg.attributes.get("seconds", "5")))
+    record("done", msg)
+
+
+@task("cleanup_on_cancel", timeout=1)
+def cleanup_on_cancel(msg: Message) -> None:
+    """Catches the cancellation at its timeout and cleans up, then lets it end the task."""
+    from consumerd import TaskCancelled
+
+    record("start", msg)
+    try:
+        time.sleep(30)
+    except TaskCancelled:
+        record("cleaned", msg)
+        raise
+
+
+@task("fast_retry_once", min_backoff=0, max_backoff=0)
+def fast_retry_once(msg: Message) -> None:
+    if _first_run(msg):
+        raise ValueError("once")
+    record("done", msg)
+
+
+@task("crash_twice_max", max_attempts=2)
+def crash_twice_max(msg: Message) -> None:
+    record("start", msg)
+    os._exit(4)

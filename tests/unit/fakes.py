@@ -17,7 +17,7 @@ from consumerd.components import IoThreads
 from consumerd.config import load_settings
 from consumerd.message import Message
 from consumerd.pool import KillReason, RunningJob, WorkerExited, WorkerResult
-from consumerd.protocol import Outcome, Result
+from consumerd.protocol import Outcome, Result, TaskOptions
 from consumerd.pubsub import Received, RpcCounter, SubscriptionInfo
 from consumerd.puller import PullResult
 from consumerd.supervisor import State, Supervisor
@@ -81,8 +81,8 @@ class Pool:
         self.killed: list[tuple[int, KillReason]] = []
         self._control_r, self._control_w = os.pipe()
 
-    def start(self) -> list[str]:
-        return list(TASKS)
+    def start(self) -> dict[str, TaskOptions]:
+        return {name: TaskOptions() for name in TASKS}
 
     @property
     def control_fd(self) -> int:
@@ -252,6 +252,7 @@ class Harness:
         self.sup.start_io_threads()
         self.sup.notify_ready()
         self.seq = 0
+        self.pull_sent_at = float("-inf")  # when the pull these results answer was sent
         assert self.sup.state is State.RUNNING
 
     @property
@@ -271,7 +272,7 @@ class Harness:
     def pull(self, *received: Received) -> None:
         """A pull result arrives for what was asked (or for these messages, asked or not)."""
         asked = self.components.puller.requests[-1] if self.components.puller.requests else 0
-        self.sup.inbox.post(PullResult(asked, list(received)))
+        self.sup.inbox.post(PullResult(asked, list(received), sent_at=self.pull_sent_at))
         self.sup.tick()
 
     def finish(self, message_id: str, outcome: Outcome = Outcome.SUCCESS, **fields: Any) -> None:

@@ -21,6 +21,7 @@ from consumerd.protocol import (
     Result,
     Spawn,
     Spawned,
+    TaskOptions,
     decode_control,
     encode_control,
 )
@@ -68,7 +69,8 @@ def test_an_oversized_error_is_cut_to_4_kib_by_the_encoder():
 
 
 def test_control_packets_round_trip_and_reject_anything_else():
-    for packet in (Spawn(3), Ready(("a", "b")), PreloadFailed("boom"), Spawned(1, 1234), Exited(1234, 256)):
+    ready = Ready((("a", TaskOptions()), ("b", TaskOptions(timeout=2.5, concurrency=3, max_attempts=4))))
+    for packet in (Spawn(3), ready, PreloadFailed("boom"), Spawned(1, 1234), Exited(1234, 256)):
         assert decode_control(encode_control(packet)) == packet
     for raw in (
         pickle.dumps(("spawned", 1, 2)),

@@ -180,3 +180,31 @@ def test_ordering_holds_and_attempt_counts_are_pruned(tmp_path):
     h.clock.advance(4000)
     h.sup.tick()
     assert h.sup.backlog.blocked_until == {} and len(h.sup.settler.attempts) == 0
+
+
+def test_a_pull_answered_while_the_loop_was_frozen_is_dated_from_the_freeze(h):
+    h.sup.tick()
+    h.pull_sent_at = h.clock.now  # a long poll is out...
+    h.clock.advance(30)  # ...when the loop freezes past the 10 s deadline; the answer comes meanwhile
+    h.sup.tick()  # the first tick after the freeze: the puller thread has not posted yet
+    h.pull(h.message(), h.message())
+    assert sorted(e["message_id"] for e in h.log.events("lease.lapsed")) == ["m1", "m2"]
+    assert h.pool.running() == [] and h.acker.acked == [] and h.acker.modacked == []
+
+
+def test_a_pull_after_an_ordinary_idle_second_is_not_taken_for_a_freeze(h):
+    for _ in range(5):
+        h.sup.tick()  # each idle tick "sleeps" up to a second on the fake clock
+    h.pull(h.message())
+    assert h.log.events("lease.lapsed") == [] and [i.message.message_id for i in h.pool.running()] == ["m1"]
+
+
+def test_a_long_poll_answered_after_a_short_stall_is_not_dropped(h):
+    h.sup.tick()
+    h.pull_sent_at = h.clock.now
+    h.clock.advance(25)  # an ordinary long poll...
+    h.sup.tick()
+    h.clock.advance(3)  # ...then the loop stalls 3 s, and the pull is answered within it
+    h.sup.tick()
+    h.pull(h.message())
+    assert h.log.events("lease.lapsed") == [] and [i.message.message_id for i in h.pool.running()] == ["m1"]
