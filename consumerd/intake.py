@@ -21,6 +21,9 @@ from .protocol import TaskOptions
 from .pubsub import Received
 from .settler import Settler
 
+# A tick this late means the loop did not run (SIGSTOP, a VM pause; it wakes at least once a second):
+# look for lapsed leases, and date what a pull brought meanwhile from when the stall began.
+STALL = 2.0
 PRUNE_INTERVAL = 10.0  # seconds between prunes of ordering-key holds and attempt counts
 MAX_FORWARDING = 1000  # dead-letter copies in flight before pulling waits for the forwarder
 OnError = Callable[[str, Exception, InFlight | None], None]
@@ -40,6 +43,8 @@ class Intake:
         self.requested = 0  # messages asked of the pull in flight
         self.task_seconds = Ewma()  # how long tasks take: sizes the prefetch buffer
         self._next_prune = 0.0
+        self._last_tick = float("inf")  # set by the first tick
+        self._stall: tuple[float, float] | None = None  # the last time the loop did not run: (start, end)
 
     def set_tasks(self, tasks: dict[str, TaskOptions]) -> None:
         """The tasks the fork server found, with their `@task(...)` options (kept across reloads)."""
@@ -53,14 +58,27 @@ class Intake:
         return options.timeout if options and options.timeout is not None else self.settings.workers.task_timeout
 
     # -- in ----------------------------------------------------------------------------------
-    def pulled(self, asked: int, received: list[Received], now: float, running: bool, received_at: float | None = None) -> None:
-        """A pull's messages. ``received_at`` (default ``now``) is when their leases are taken to have
-        begun: after the loop stalled, a pull may have been answered while it was frozen."""
+    def ticked(self, now: float) -> None:
+        """The loop ran at ``now``; a gap longer than STALL since the last tick was a stall."""
+        if now - self._last_tick > STALL:
+            self._stall = (self._last_tick, now)
+        self._last_tick = now
+
+    def lease_start(self, sent_at: float, now: float) -> float:
+        """When a pull's leases began: if it was outstanding while the loop stalled, the stall's start."""
+        if self._stall is None or sent_at > self._stall[1]:
+            return now
+        return max(sent_at, self._stall[0])
+
+    def pulled(self, asked: int, received: list[Received], now: float, running: bool, sent_at: float = float("inf")) -> None:
+        """A pull's messages; ``sent_at`` is when that pull was sent (its answer may have come while the
+        loop was frozen: then the leases are dated from the freeze)."""
         self.requested -= asked
+        received_at = self.lease_start(sent_at, now)
         for item in received:
             inflight = None
             try:
-                inflight = self.receive(item, now if received_at is None else received_at)
+                inflight = self.receive(item, received_at)
                 self.admit(inflight, now, running)
             except Exception as exc:  # noqa: BLE001 - the safety net, with this message to give back
                 self.on_error("admit", exc, inflight)

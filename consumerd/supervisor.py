@@ -26,7 +26,7 @@ from .control import ControlServer
 from .errors import ExitCode
 from .forwarder import Forwarded
 from .inbox import Inbox
-from .intake import Intake
+from .intake import STALL, Intake
 from .limits import check_concurrency, max_concurrency, raise_nofile
 from .logsetup import get_logger
 from .metrics import Metrics, NullMetrics
@@ -49,9 +49,6 @@ MAX_SLEEP = 1.0
 # Timeouts, kill escalation, lease renewals, watchdog and status are checked this often. Leases are
 # renewed with 40 % of their deadline (>= 4 s) to spare, so a 0.1 s lateness costs nothing.
 HOUSEKEEPING_INTERVAL = 0.1
-# A tick this late means the loop did not run (SIGSTOP, a VM pause; it wakes at least every MAX_SLEEP):
-# look for lapsed leases, and date what a pull brought meanwhile from when the stall began.
-STALL = 2.0
 FLUSH_TIMEOUT = 10.0  # seconds to wait for the last acks/nacks at exit
 
 
@@ -104,8 +101,6 @@ class Supervisor:
         self.drain_deadline: float | None = None
         self.stop_deadline: float | None = None
         self._next_housekeeping = 0.0
-        self._last_tick = clock()
-        self._stall: tuple[float, float] | None = None  # the last time the loop did not run: (start, end)
 
     # == the table of contents =================================================================
     def run(self) -> ExitCode:
@@ -127,9 +122,7 @@ class Supervisor:
 
     def tick(self) -> None:
         now = self.clock()
-        if now - self._last_tick > STALL:
-            self._stall = (self._last_tick, now)
-        self._last_tick = now
+        self.intake.ticked(now)
         self.handle_signals()
         self.collect_inbox(now)
         self.dispatch(now)
@@ -141,8 +134,8 @@ class Supervisor:
 
     def housekeeping(self, now: float) -> None:
         """The periodic checks, at most every HOUSEKEEPING_INTERVAL, not on every event."""
-        if now - self._next_housekeeping > STALL:
-            self.intake.drop_lapsed(now)  # the loop was frozen (SIGSTOP, a VM pause): before renewing
+        if now - self._next_housekeeping > STALL:  # the loop was frozen (SIGSTOP, a VM pause)
+            self.intake.drop_lapsed(now)  # before renewing: a renewal would make a lapsed lease look alive
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
         self.pool.kill_overdue(now)
         self.pool.escalate_kills(now)
@@ -203,7 +196,7 @@ class Supervisor:
 
     def notify_ready(self) -> None:
         self.state = State.RUNNING
-        self._last_tick = self.clock()
+        self.intake.ticked(self.clock())
         self.reporter.announce_ready(self.pubsub.subscription, self.concurrency, self.log)
 
     # == the loop ==============================================================================
@@ -324,15 +317,9 @@ class Supervisor:
         for item in self.inbox.take_all():
             if isinstance(item, PullResult):
                 running = self.state is State.RUNNING and not self.paused
-                self.intake.pulled(item.asked, item.received, now, running, self.lease_start(item.sent_at, now))
+                self.intake.pulled(item.asked, item.received, now, running, item.sent_at)
             elif isinstance(item, Forwarded):
                 self.settler.on_forwarded(item, now)
-
-    def lease_start(self, sent_at: float, now: float) -> float:
-        """When a pull's leases began: if it was outstanding while the loop stalled, the stall's start."""
-        if self._stall is None or sent_at > self._stall[1]:
-            return now
-        return max(sent_at, self._stall[0])
 
     def dispatch(self, now: float) -> None:
         if self.state is State.RUNNING and self.backlog:
