@@ -63,7 +63,7 @@ run: venv emulator
 	$(PY) -m consumerd.devrun --config config/dev.toml
 
 test: venv emulator systemd-sandbox monitoring
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -56,7 +56,7 @@ class Components:
             topic = settings.pubsub.topic_path(settings.dead_letter.topic)
             forwarder = Forwarder(lambda data, attrs: pubsub.publish(topic, data, attrs), inbox, is_transient)
         return IoThreads(
-            puller=Puller(pubsub.pull, inbox, is_transient),
+            puller=Puller(pubsub.pull, inbox, is_transient, timeout=settings.pubsub.pull_timeout),
             acker=Acker(pubsub.ack, pubsub.modack, is_transient),
             forwarder=forwarder,
         )

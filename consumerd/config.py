@@ -40,6 +40,7 @@ class PubSubSettings(_Section):
     emulator_host: str = ""
     credentials_file: str = ""
     startup_timeout: float = Field(60.0, gt=0, le=3600)
+    pull_timeout: float = Field(30.0, ge=2, le=60)  # an empty long poll's length; also how soon a hung Pub/Sub shows
 
     @model_validator(mode="after")
     def _fill_from_standard_env(self) -> PubSubSettings:

@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     SOFTWARE = 70  # EX_SOFTWARE: an internal error we did not expect
     PROTOCOL = 76  # EX_PROTOCOL: a worker received something that is not a job
     CONFIG = 78  # EX_CONFIG: invalid configuration, task modules or subscription
+    TERMINATED = 143  # a worker whose task was ended by SIGTERM (TaskCancelled), as a shell reports it
 
 
 class ConsumerdError(Exception):

@@ -27,7 +27,7 @@ import socket
 import sys
 
 from . import tracing
-from .errors import ConfigError, ExitCode, WorkerProtocolError
+from .errors import ConfigError, ExitCode, TaskCancelled, WorkerProtocolError
 from .inbox import drain_fd
 from .logsetup import configure_logging, get_logger
 from .proctitle import set_title, worker_title
@@ -169,6 +169,8 @@ class ForkServer:
             set_title(worker_title(worker_id))
             code = serve(sock, self.registry, self.spec.max_tasks_per_child, worker_id)  # type: ignore[arg-type]
             tracing.flush()
+        except TaskCancelled:
+            code = ExitCode.TERMINATED
         except BaseException:  # noqa: BLE001 - a forked child must never return into the server's loop
             code = ExitCode.SOFTWARE
         finally:

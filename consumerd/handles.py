@@ -99,8 +99,9 @@ class WorkerExited:
 
     @property
     def cause(self) -> str:
-        """A bounded label for metrics: our kill reason, else how it ended by itself."""
-        if self.kill_reason is not None:
+        """A bounded label for metrics: our kill reason, else how it ended by itself. A closed channel
+        only made us make sure it was gone: its exit status tells why it ended."""
+        if self.kill_reason is not None and self.kill_reason is not KillReason.CHANNEL_CLOSED:
             return self.kill_reason.value
         code = self.exit_code
         if code < 0:

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -299,10 +300,12 @@ class Pool:
             worker.sock.close()
 
     # -- shutdown --------------------------------------------------------------------------
-    def stop(self, timeout: float = 5.0) -> None:
-        """Close every channel and the fork server's; it kills what is left of its workers and exits."""
+    def stop(self, timeout: float = 5.0, linger: float = 2.0) -> None:
+        """Close every channel: idle workers run their stop hooks and exit (up to ``linger`` seconds);
+        then close the fork server's channel: it kills what is left of its workers and exits."""
         for worker in list(self.workers.values()):
             self._close(worker)
+        self._await_exits(linger)
         if self._control is not None:
             self._forget(self._control)
             self._control.close()
@@ -313,6 +316,17 @@ class Pool:
             except subprocess.TimeoutExpired:
                 self._server.kill()
                 self._server.wait()
+
+    def _await_exits(self, linger: float) -> None:
+        if self._control is None or not self.workers:
+            return
+        deadline = time.monotonic() + linger
+        try:
+            while self.workers and (remaining := deadline - time.monotonic()) > 0:
+                self._control.settimeout(remaining)
+                self.read_control(time.monotonic())
+        except (OSError, ConsumerdError):
+            pass  # the fork server is gone, or the time is up: it kills the rest
 
 
 def _send(sock: socket.socket, data: bytes) -> None:

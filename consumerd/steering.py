@@ -26,7 +26,7 @@ class Steering:
         """The control socket at ``path`` ("" = none), served from the supervisor's selector."""
         if not path:
             return None
-        server = ControlServer(path, group, forget=self.sup._forget_fd)
+        server = ControlServer(path, group, forget=self.sup.forget_fd)
         resources.callback(server.close)
         self.sup.selector.register(server, selectors.EVENT_READ, self.accept)
         self.sup.log.info("control.listening", socket=path)

@@ -91,7 +91,7 @@ class Supervisor:
         self.settler = Settler.of(
             settings, self.io.acker.ack, self.io.acker.modack, forward, self.backlog, self.counters, self.log, self.metrics
         )
-        self.pool = self.components.pool(fork_server_spec(settings), settings.workers.concurrency, self._forget_fd)
+        self.pool = self.components.pool(fork_server_spec(settings), settings.workers.concurrency, self.forget_fd)
         self.safety = SafetyNet(self.settler, self.counters, self.log, clock, self.on_errors_exhausted)
         self.intake = Intake(settings, self.settler, self.backlog, self.safety.caught)
         self.reporter = Reporter(self.notifier, self.metrics, self.pool, self.backlog, self.settler, self.io.puller)
@@ -226,13 +226,13 @@ class Supervisor:
         try:
             self.on_pool_events(self.pool.read_control(self.clock()))
         except ForkServerDied as exc:
-            self._forget_fd(self.pool.control_fd)
+            self.forget_fd(self.pool.control_fd)
             self.fail(f"fork server died: {exc}")
 
     def _on_worker_readable(self, worker: Any) -> None:
         self.on_pool_events(self.pool.read_worker(worker, self.clock()))
 
-    def _forget_fd(self, sock: Any) -> None:
+    def forget_fd(self, sock: Any) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(sock)
 

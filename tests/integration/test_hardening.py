@@ -86,19 +86,16 @@ def test_check_config_imports_the_task_modules_and_checks_the_default_task(tmp_p
     assert default.returncode == 78 and "tasks.default: no task named 'nope'" in default.stderr
 
 
+def _config(tmp_path: Path, sub: str, concurrency: int) -> Path:
+    config = tmp_path / "c.toml"
+    settings = {"pubsub": {"subscription": sub}, "workers": {"concurrency": concurrency}}
+    config.write_text(toml({**settings, "tasks": {"modules": ["tests.support.tasks"]}, "logging": {"format": "json"}}))
+    return config
+
+
 def test_a_sigttin_storm_stops_at_the_descriptor_ceiling(broker, topic_sub, emulator, tmp_path):
     _, sub = topic_sub()
-    config = tmp_path / "c.toml"
-    config.write_text(
-        toml(
-            {
-                "pubsub": {"subscription": sub},
-                "workers": {"concurrency": 2},
-                "tasks": {"modules": ["tests.support.tasks"]},
-                "logging": {"format": "json"},
-            }
-        )
-    )
+    config = _config(tmp_path, sub, concurrency=2)
     daemon = Daemon(config, daemon_env(emulator.host, tmp_path), nofile=84).start()  # room for (84 - 64) / 2 = 10
     try:
         daemon.wait_for("daemon.ready")
@@ -166,17 +163,7 @@ def test_a_consumerd_directory_in_the_working_directory_cannot_replace_the_fork_
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(f"open({str(tmp_path / 'hijacked')!r}, 'w').write('x')\n")
     (fake / "forkserver.py").write_text("")
-    config = tmp_path / "c.toml"
-    config.write_text(
-        toml(
-            {
-                "pubsub": {"subscription": sub},
-                "workers": {"concurrency": 1},
-                "tasks": {"modules": ["tests.support.tasks"]},
-                "logging": {"format": "json"},
-            }
-        )
-    )
+    config = _config(tmp_path, sub, concurrency=1)
     [mid] = broker.publish(topic, task="ok")
     console_script = Path(sys.executable).with_name("consumerd")  # sys.path[0] is the venv's bin, not the cwd
     daemon = Daemon(config, daemon_env(emulator.host, tmp_path), command=[str(console_script)], cwd=fake.parent).start()

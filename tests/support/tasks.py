@@ -317,7 +317,7 @@ def fast_retry_once(msg: Message) -> None:
     record("done", msg)
 
 
-@task("crash_twice_max", max_attempts=2)
+@task("crash_twice_max", max_attempts=2, min_backoff=0, max_backoff=1)
 def crash_twice_max(msg: Message) -> None:
     record("start", msg)
     os._exit(4)
