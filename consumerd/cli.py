@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import stat
@@ -106,10 +107,11 @@ def _settings(args: argparse.Namespace, *, file_required: bool) -> tuple[Setting
 def cmd_run(args: argparse.Namespace) -> ExitCode:
     settings, path = _settings(args, file_required=True)
     settings.require_subscription(str(path))
-    configure_logging(settings.logging.format, settings.logging.level)
+    configure_logging(settings.logging.format, settings.logging.level, google_level=settings.logging.google_level)
     log = get_logger("consumerd")
     log.info("daemon.starting", version=__version__, config=str(path))
     warn_if_readable_by_others(path, settings, log)
+    warn_if_emulator_is_remote(settings.pubsub.emulator_host, log)
     from .supervisor import (
         Supervisor,  # imports grpc: only for the commands that talk to Pub/Sub
     )
@@ -122,6 +124,23 @@ def cmd_run(args: argparse.Namespace) -> ExitCode:
     except ConsumerdError as exc:
         log.error("daemon.startup_failed", error=str(exc), exit_code=int(exc.exit_code))
         raise
+
+
+def warn_if_emulator_is_remote(host_port: str, log: Any) -> None:
+    """An emulator connection is plaintext without credentials: fine on loopback, not across a network."""
+    if not host_port:
+        return
+    host = host_port.rpartition(":")[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        log.warning(
+            "pubsub.emulator_not_loopback",
+            emulator_host=host_port,
+            detail="PUBSUB_EMULATOR_HOST / pubsub.emulator_host sends everything in plaintext and without credentials",
+        )
 
 
 def warn_if_readable_by_others(path: Path | None, settings: Settings, log: object) -> None:

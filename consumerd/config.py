@@ -186,8 +186,10 @@ class TaskSettings(_Section):
 class LoggingSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    # The least the Google client libraries log at: their debug output holds payloads.
+    google_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
-    @field_validator("level", "format", mode="before")
+    @field_validator("level", "format", "google_level", mode="before")
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

@@ -33,6 +33,7 @@ class Forwarded:
     ack_id: str
     ok: bool
     detail: str  # the new message id, or the error
+    permanent: bool = False  # a failure retrying cannot fix (INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED)
 
 
 class Forwarder:
@@ -72,7 +73,9 @@ class Forwarder:
                 return Forwarded(letter.ack_id, True, self._publish(letter.data, letter.attributes))
             except Exception as exc:  # noqa: BLE001 - classified: retried or reported
                 detail = f"{type(exc).__name__}: {exc}"[:300]
-                if not self._is_transient(exc) or attempt == MAX_TRIES or self._stopping.is_set():
+                if not self._is_transient(exc):
+                    return Forwarded(letter.ack_id, False, detail, permanent=True)
+                if attempt == MAX_TRIES or self._stopping.is_set():
                     return Forwarded(letter.ack_id, False, detail)
                 self.log.warning("dead_letter.retry", error=detail, attempt=attempt)
                 self._stopping.wait(self._backoff.delay(attempt))

@@ -18,7 +18,11 @@ from .journal import JournalHandler, JournalLogger, JournalSender, stdout_is_jou
 LogFormat = Literal["auto", "json", "console"]
 
 
-def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None, google_level: str = "info") -> None:
+    """``google_level``: the least the google, grpc and urllib3 loggers log at, whatever ``level`` is
+    (their debug output includes request payloads, dead-letter copies among them)."""
+    global _google_floor
+    _google_floor = logging.getLevelName(google_level.upper())
     stream = stream or sys.stdout
     if fmt == "auto" and stream is sys.stdout and stdout_is_journal():
         _configure_journal(level)
@@ -68,11 +72,13 @@ def _configure_journal(level: str) -> None:
     _set_levels(root, numeric_level)
 
 
+_google_floor = logging.INFO
+
+
 def _set_levels(root: logging.Logger, level: int) -> None:
     root.setLevel(level)
-    # google and grpc are chatty at debug; keep them at warning unless we debug ourselves.
     for noisy in ("google", "grpc", "urllib3"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING) if level > logging.DEBUG else level)
+        logging.getLogger(noisy).setLevel(max(level, _google_floor))
 
 
 def _route_stdlib_logging(

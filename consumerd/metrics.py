@@ -74,6 +74,9 @@ class Metrics:
         self.held_bytes = Gauge("consumerd_held_bytes", "Bytes of every message held (queued, running, dead-lettering)", registry=r)
         self.attempt = Histogram("consumerd_delivery_attempt", "Delivery attempt of pulled messages", buckets=ATTEMPT_BUCKETS, registry=r)
         self.dead_lettered = Counter("consumerd_dead_lettered", "Messages forwarded to the dead-letter topic", ["task"], registry=r)
+        self.dead_letter_failures = Counter(
+            "consumerd_dead_letter_failed", "Dead-letter copies that could not be published", ["task"], registry=r
+        )
         self.worker_exits = Counter("consumerd_worker_exits", "Worker exits by cause", ["cause"], registry=r)
         self.lease_renewals = Counter("consumerd_lease_renewals", "Leases extended", registry=r)
         self.lease_lapsed = Counter("consumerd_lease_lapsed", "Queued messages dropped because their lease ran out", registry=r)
@@ -90,9 +93,10 @@ class Metrics:
         for name in (*names, "unknown"):
             self.duration.labels(name)
             self.dead_lettered.labels(name)
+            self.dead_letter_failures.labels(name)
             for outcome in Outcome:
                 self.messages.labels(name, outcome.value)
-        for cause in (*KillReason, "exit_0", "exit_nonzero"):
+        for cause in (*(r for r in KillReason if r is not KillReason.CHANNEL_CLOSED), "exit_0", "exit_nonzero"):
             self.worker_exits.labels(str(cause))
 
     def _task(self, name: str) -> str:
@@ -110,6 +114,9 @@ class Metrics:
 
     def forwarded(self, task: str) -> None:
         self.dead_lettered.labels(self._task(task)).inc()
+
+    def dead_letter_failed(self, task: str) -> None:
+        self.dead_letter_failures.labels(self._task(task)).inc()
 
     def worker_exited(self, cause: str) -> None:
         self.worker_exits.labels(cause).inc()

@@ -38,6 +38,6 @@ class Reloader:
         merged, applied, refused = reload_plan(current, new)
         for key in refused:
             log.warning("reload.refused", key=key, detail="cannot change while running: restart to apply")
-        configure_logging(merged.logging.format, merged.logging.level)
+        configure_logging(merged.logging.format, merged.logging.level, google_level=merged.logging.google_level)
         log.info("reload.done", applied=applied, refused=refused, concurrency=merged.workers.concurrency)
         return merged

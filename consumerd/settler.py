@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import delivery
+from . import deadletter, delivery
 from .admission import AttemptCounter
 from .backlog import Backlog, InFlight
 from .config import Settings
@@ -30,7 +30,6 @@ from .pool import WorkerExited
 from .protocol import Outcome, Result, TaskOptions
 
 ADAPTIVE_MIN_SAMPLES = 10  # finished tasks before the lease length follows their durations
-MAX_ATTRIBUTE_VALUE = 1024  # characters kept of the error text in a dead-letter copy
 
 
 @dataclasses.dataclass
@@ -41,6 +40,7 @@ class Counters:
     dead_lettered: int = 0
     nacked_unstarted: int = 0
     lease_lapsed: int = 0
+    dead_letter_failed: int = 0
     internal_errors: int = 0
 
 
@@ -178,7 +178,7 @@ class Settler:
             self.counters.succeeded += 1
             self.log.info("message.done", **fields)
         elif decision.action is Action.DEAD_LETTER:
-            self.forward(inflight, outcome, error)
+            self.forward(inflight, outcome, error, now)
             self.log.warning("message.rejected", **fields, error=error, action=decision.action.value)
         else:
             self.retry_later(inflight, decision.delay, now)
@@ -218,20 +218,24 @@ class Settler:
         for later in self.backlog.hold_key(inflight.key, now + delay):
             self.give_back(later, delay=delay)
 
-    def forward(self, inflight: InFlight, outcome: Outcome, error: str) -> None:
+    def forward(self, inflight: InFlight, outcome: Outcome, error: str, now: float) -> None:
         """Publish a copy to the dead-letter topic; the original stays leased until that succeeded."""
         assert self._forward is not None
         self.forwarding[inflight.ack_id] = inflight
         message = inflight.message
-        attributes = {
-            **message.attributes,
-            "consumerd_error": (error or outcome.value)[:MAX_ATTRIBUTE_VALUE],
+        ours = {
+            "consumerd_error": error or outcome.value,
             "consumerd_outcome": outcome.value,
             "consumerd_task": inflight.task,
             "consumerd_original_message_id": message.message_id,
             "consumerd_subscription": message.subscription,
             "consumerd_attempt": str(inflight.attempt),
         }
+        attributes = deadletter.copy_attributes(message.attributes, ours)
+        if deadletter.copy_size(message.data, attributes) > deadletter.MAX_MESSAGE_BYTES:
+            # The service would refuse it: no point in publishing. Held, never dropped.
+            self.on_forwarded(Forwarded(inflight.ack_id, False, "the copy would exceed Pub/Sub's 10 MB limit", permanent=True), now)
+            return
         self._forward(DeadLetter(inflight.ack_id, message.data, attributes))
 
     def on_forwarded(self, result: Forwarded, now: float) -> None:
@@ -248,7 +252,9 @@ class Settler:
             self.log.warning("message.dead_lettered", **fields, dead_letter_message_id=result.detail, outcome="dead_lettered")
         else:
             delay = delivery.MAX_DELAY
-            self.log.error("message.dead_letter_failed", **fields, error=result.detail, retry_in_s=delay)
+            self.counters.dead_letter_failed += 1
+            self.metrics.dead_letter_failed(inflight.task)
+            self.log.error("message.dead_letter_failed", **fields, error=result.detail, permanent=result.permanent, retry_in_s=delay)
             self.retry_later(inflight, delay, now)
 
     # == messages that never ran ===============================================================

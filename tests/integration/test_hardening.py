@@ -132,7 +132,9 @@ def test_a_setsid_grandchild_is_killed_within_a_second_and_none_outlive_run(brok
     while not [p for p in ledger.lines() if p[0].startswith("parent_exited=") and p[1] == lingering]:
         time.sleep(0.05)
     second, _ = _escaped(ledger, lingering)
-    daemon.signal(signal.SIGINT), daemon.signal(signal.SIGINT)
+    daemon.signal(signal.SIGINT)
+    daemon.wait_for("drain.started")
+    daemon.signal(signal.SIGINT)  # a second one: stop now (two at once would merge into one)
     daemon.wait_exit(60)
     assert not alive(second)
     assert not [pid for pid, (parent, _) in process_table().items() if parent == daemon.pid]

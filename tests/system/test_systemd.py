@@ -165,7 +165,7 @@ def test_hardened_unit_runs_unprivileged_and_writes_only_its_state(guest, servic
 def test_control_socket_answers_root_and_refuses_other_users(guest, service, broker):
     topic, _ = service()
     guest.sh("systemctl start consumerd")
-    [mid] = broker.publish(topic, data={"seconds": 10}, task="sleep")
+    [mid] = broker.publish(topic, data={"seconds": 5}, task="sleep")
     deadline = time.monotonic() + 30
     while mid not in guest.ledger_ids("start"):
         assert time.monotonic() < deadline, "the task did not start"
