@@ -19,14 +19,26 @@ RELOAD=1
 UNIT_DIR=/etc/systemd/system
 while [ $# -gt 0 ]; do
   case "$1" in
-    --prefix) PREFIX=$2; shift 2 ;;
-    --wheel) WHEEL=$2; shift 2 ;;
-    --key) KEY=$2; shift 2 ;;
+    --prefix|--wheel|--key) [ $# -ge 2 ] || { echo "install.sh: $1 needs a value" >&2; exit 64; }
+      case "$1" in --prefix) PREFIX=$2 ;; --wheel) WHEEL=$2 ;; --key) KEY=$2 ;; esac; shift 2 ;;
     --no-reload) RELOAD=0; shift ;;
     -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1" >&2; exit 64 ;;
   esac
 done
+# The prefix goes into the unit files with sed and is removed by uninstall.sh: keep it plain.
+if ! [[ "$PREFIX" =~ ^/[A-Za-z0-9._/-]+$ ]] || [[ "$PREFIX" =~ (^|/)\.\.?(/|$) ]]; then
+  echo "install.sh: --prefix must be an absolute path of letters, digits, '.', '_', '-' and '/', got '$PREFIX'" >&2
+  exit 64
+fi
+case "$PREFIX" in
+  /|/usr|/usr/local|/etc|/var|/opt|/bin|/sbin|/lib|/lib64|/home|/root|/boot|/srv|/tmp)
+    echo "install.sh: refusing --prefix $PREFIX (a system directory): use a directory of its own, e.g. /opt/consumerd" >&2; exit 64 ;;
+esac
+if [ -e "$PREFIX" ] && [ -n "$(ls -A "$PREFIX" 2>/dev/null)" ] && ! [ -f "$PREFIX/pyvenv.cfg" ]; then
+  echo "install.sh: $PREFIX exists and is not a consumerd venv: refusing to install into it" >&2
+  exit 65
+fi
 [ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 77; }
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 

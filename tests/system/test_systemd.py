@@ -182,3 +182,25 @@ def test_control_socket_answers_root_and_refuses_other_users(guest, service, bro
         "python3 -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode())\""
     )
     assert 'consumerd_build_info{version="0.1.0"} 1.0' in metrics.stdout
+
+
+def test_the_scripts_refuse_what_could_hurt_the_host(guest):
+    for args, code in (("--prefx /x", 64), ("--prefix /usr", 65), ("--prefix relative/path", 64), ("--prefix", 64)):
+        refused = guest.sh(f"bash /tmp/src/deploy/uninstall.sh {args}", check=False)
+        assert refused.returncode == code, (args, refused.stdout, refused.stderr)
+    assert guest.sh("test -x /opt/consumerd/bin/consumerd && test -x /usr/bin/env").returncode == 0  # nothing removed
+    for args in ("--prefix '/opt/x y'", "--prefix '/opt/a|b'", "--prefix /usr", "--prefix /opt/../etc", "--bogus"):
+        refused = guest.sh(f"bash /tmp/src/deploy/install.sh {args}", check=False)
+        assert refused.returncode == 64, (args, refused.stdout, refused.stderr)
+
+
+def test_uninstall_disables_every_instance_and_keeps_the_configuration(guest, service):
+    # Last in this module: it removes the installation the other tests use.
+    service()
+    guest.sh("cp /etc/consumerd.toml /etc/consumerd/demo.toml && systemctl enable consumerd@demo.service")
+    assert guest.sh("ls /etc/systemd/system/*.wants/consumerd@demo.service", check=False).returncode == 0
+    removed = guest.sh("bash /tmp/src/deploy/uninstall.sh")
+    assert "consumerd removed" in removed.stdout
+    assert guest.sh("test -e /opt/consumerd", check=False).returncode != 0
+    assert guest.sh("ls /etc/systemd/system/*.wants/consumerd@demo.service", check=False).returncode != 0
+    assert guest.sh("test -f /etc/consumerd.toml && test -f /etc/consumerd/demo.toml").returncode == 0
