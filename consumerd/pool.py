@@ -324,7 +324,9 @@ class Pool:
         try:
             while self.workers and (remaining := deadline - time.monotonic()) > 0:
                 self._control.settimeout(remaining)
-                self.read_control(time.monotonic())
+                for event in self.read_control(time.monotonic()):
+                    if isinstance(event, WorkerStarted):  # spawned just before the stop: it exits too
+                        self._close(event.worker)
         except (OSError, ConsumerdError):
             pass  # the fork server is gone, or the time is up: it kills the rest
 
