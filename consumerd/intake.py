@@ -38,7 +38,6 @@ class Intake:
         self.attempts = settler.attempts
         self.router = Router(settings.tasks.route_attribute, settings.tasks.default)
         self.task_names: frozenset[str] = frozenset()  # known once the fork server imported the modules
-        self.task_options: dict[str, TaskOptions] = {}
         self.lease_deadline = 10  # the subscription's ack deadline: what a pulled message holds
         self.requested = 0  # messages asked of the pull in flight
         self.task_seconds = Ewma()  # how long tasks take: sizes the prefetch buffer
@@ -49,12 +48,11 @@ class Intake:
     def set_tasks(self, tasks: dict[str, TaskOptions]) -> None:
         """The tasks the fork server found, with their `@task(...)` options (kept across reloads)."""
         self.task_names = frozenset(tasks)
-        self.task_options = tasks
-        self.settler.task_options = tasks
+        self.settler.task_options = tasks  # the one copy: timeouts are read from it too
         self.backlog.task_caps = {name: o.concurrency for name, o in tasks.items() if o.concurrency}
 
     def timeout_of(self, task: str) -> float:
-        options = self.task_options.get(task)
+        options = self.settler.task_options.get(task)
         return options.timeout if options and options.timeout is not None else self.settings.workers.task_timeout
 
     # -- in ----------------------------------------------------------------------------------

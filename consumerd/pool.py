@@ -202,7 +202,7 @@ class Pool:
 
     def running(self) -> list[InFlight]:
         """The messages workers are running now."""
-        return [w.inflight for w in self.workers.values() if w.inflight is not None]
+        return [job.inflight for job in self.jobs()]
 
     def jobs(self) -> list[RunningJob]:
         """What runs now, worker by worker (for `consumerd status`)."""
