@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: help venv emulator monitoring systemd-sandbox wheel install-system run test lint unit integration system chaos bench bench-quick clean
+.PHONY: help venv emulator monitoring systemd-sandbox deb-tools wheel deb lock install-system run test lint unit integration system chaos bench bench-quick clean
 
 help:
 	@echo "make run    - start a local Pub/Sub emulator and the daemon with demo tasks (Ctrl-C stops)"
@@ -17,6 +17,8 @@ help:
 	@echo "make lint   - ruff (lint and format) and mypy, as CI runs them"
 	@echo "make unit   - only the fast unit tests"
 	@echo "make wheel / make install-system - build a wheel / install as a systemd service (deploy/install.sh)"
+	@echo "make deb   - dist/consumerd_VERSION_ARCH.deb (dh-virtualenv, from deploy/requirements.lock), checked by lintian"
+	@echo "make lock  - refresh deploy/requirements.lock (pinned versions with their hashes)"
 	@echo "make bench  - consumerd against the alternatives (~20 min); make bench-quick (< 3 min)"
 	@echo "make chaos  - the 20,000-message fault soak; prints the no-message-lost table"
 
@@ -59,6 +61,37 @@ wheel: venv
 install-system:
 	bash deploy/install.sh
 
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+# debhelper, dh-virtualenv and lintian from Debian, only if missing.
+deb-tools:
+	@if ! command -v dpkg-buildpackage >/dev/null || ! command -v lintian >/dev/null || ! dpkg -s dh-virtualenv >/dev/null 2>&1; then \
+	  echo "installing debhelper, dh-virtualenv and lintian..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    build-essential debhelper dh-virtualenv lintian python3 python3-venv; \
+	fi
+
+# The package is built from a copy of the tree with deploy/debian as its debian/ directory.
+deb: deb-tools
+	rm -rf build/deb && mkdir -p build/deb/consumerd dist
+	tar --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist --exclude='*.egg-info' \
+	  --exclude='__pycache__' --exclude=./.mypy_cache --exclude=./.ruff_cache -cf - . | tar -C build/deb/consumerd -xf -
+	cp -r deploy/debian build/deb/consumerd/debian
+	cp systemd/consumerd.service systemd/consumerd@.service build/deb/consumerd/debian/
+	printf 'consumerd (%s) unstable; urgency=medium\n\n  * Release %s.\n\n -- consumerd maintainers <consumerd@example.org>  %s\n' \
+	  "$(VERSION)" "$(VERSION)" "$$(date -R)" > build/deb/consumerd/debian/changelog
+	cd build/deb/consumerd && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+	mv build/deb/consumerd_$(VERSION)_*.deb dist/
+	lintian --fail-on error --info dist/consumerd_$(VERSION)_*.deb
+	@ls dist/consumerd_$(VERSION)_*.deb
+
+# Pinned versions with their hashes, for the .deb and deploy/install.sh (pip --require-hashes).
+lock:
+	rm -rf build/lockenv && $(PYTHON) -m venv build/lockenv
+	build/lockenv/bin/pip install --quiet --disable-pip-version-check pip-tools
+	build/lockenv/bin/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --output-file deploy/requirements.lock pyproject.toml
+
 run: venv emulator
 	$(PY) -m consumerd.devrun --config config/dev.toml
 
@@ -93,4 +126,4 @@ bench-quick: $(BENCH_STAMP) emulator
 	$(PY) -m bench --quick --out bench/results/quick.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

@@ -24,7 +24,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def plan(quick: bool, cores: int) -> list[Run]:
     """Every contender x workload run, with its message count."""
-    n = {"noop": 2000, "cpu20": 200, "tail": 150, "io100": 640} if quick else {"noop": 5000, "cpu20": 600, "tail": 400, "io100": 1600}
+    n = (
+        {"noop": 2000, "cpu20": 200, "tail": 150, "io100": 640, "aio100": 2000, "batch": 5000}
+        if quick
+        else {"noop": 5000, "cpu20": 600, "tail": 400, "io100": 1600, "aio100": 5000, "batch": 20000}
+    )
     runs = [Run("ceiling", "noop", n["noop"])]
     for workload in ("noop", "cpu20", "tail"):
         runs += [Run("subscribe", workload, n[workload]), Run("blog", workload, n[workload])]
@@ -36,6 +40,13 @@ def plan(quick: bool, cores: int) -> list[Run]:
     runs.append(Run("consumerd", "noop", n["noop"], cores, 0, metrics=False))  # the cost of metrics: on vs off
     runs += [Run("subscribe", "io100", n["io100"]), Run("blog", "io100", n["io100"])]
     runs += [Run("consumerd", "io100", n["io100"], 32, mtpc) for mtpc in ((0,) if quick else (0, 1))]
+    # Task shapes: 100 ms I/O as `async def` (2 workers x 200 coroutines) against subscribe() on the
+    # same sleep; and a no-op batch task (500 per call) against the no-op ceiling.
+    runs += [
+        Run("subscribe", "aio100", n["aio100"] // 5),
+        Run("consumerd", "aio100", n["aio100"], 2, task="bench_async", async_concurrency=200),
+    ]
+    runs.append(Run("consumerd", "batch", n["batch"], cores, task="bench_batch"))
     return runs
 
 
@@ -115,6 +126,8 @@ def summarize(records: list[dict]) -> list[dict]:
                 "worker_rss_mb": _median_of(rs, "worker_rss_mb"),
                 "rpcs_per_1k": rs[0].get("rpcs_per_1k"),
                 "duplicates": sum(r["duplicates"] for r in rs),
+                "total_rss_mb": _median_of(rs, "total_rss_mb") or _median_of(rs, "consumer_rss_mb"),
+                "batch_median": _median_of(rs, "batch_median"),
             }
         )
     return out
@@ -127,6 +140,10 @@ def _median_of(rs: list[dict], key: str) -> float | None:
 
 def _throughput(summary: list[dict], contender: str, workload: str) -> float:
     return next((s["throughput"] for s in summary if s["contender"] == contender and s["workload"] == workload), 0.0)
+
+
+def _batch_median(summary: list[dict]) -> float:
+    return next((s["batch_median"] or 0.0 for s in summary if s["workload"] == "batch" and s["contender"].startswith("consumerd")), 0.0)
 
 
 def targets(summary: list[dict], scaling: list[dict], idle: dict, lease: dict, cores: int) -> list[dict]:
@@ -151,6 +168,10 @@ def targets(summary: list[dict], scaling: list[dict], idle: dict, lease: dict, c
         ("idle supervisor CPU < 1 % of a core", idle["idle_cpu_percent"], 1.0, "<="),
         ("supervisor RSS <= 80 MB", consumerd_rss, 80.0, "<="),
         ("lease renewal: modack RPCs <= renewal ticks", lease["modack_rpcs"], lease["renewal_ticks"], "<="),
+        ("async I/O 100 ms, c=2 x 200 coroutines: >= 1,500 msg/s", best("aio100"), 1500.0, ">="),
+        ("async I/O 100 ms: >= 10x subscribe()", best("aio100"), 10 * _throughput(summary, "subscribe", "aio100"), ">="),
+        ("batch of 500: >= 50 % of the no-op ceiling", best("batch"), 0.5 * ceiling, ">="),
+        ("batch of 500: median batch full", _batch_median(summary), 500.0, ">="),
     ]
     for point in scaling:
         ideal = min(point["concurrency"] / 0.1, ceiling or 1e9)
@@ -181,6 +202,10 @@ def print_table(result: dict) -> None:
     print(
         f"idle to busy: start p50 {idle['start_latency_ms_p50']:.0f} ms, p99 {idle['start_latency_ms_p99']:.0f} ms; idle CPU {idle['idle_cpu_percent']:.2f} % of a core"
     )
+    print("\nRSS, supervisor + workers (consumerd) or the whole process (others), MB:")
+    for s in sorted(result["summary"], key=lambda s: (s["workload"], s["contender"])):
+        if s["workload"] in ("aio100", "io100"):
+            print(f"  {s['contender']:<32} {s['workload']:<7} {s['total_rss_mb'] or 0:>7.1f}")
     print("\ntargets:")
     for t in result["targets"]:
         print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: measured {t['measured']}, bound {t['bound']}")

@@ -33,12 +33,15 @@ class Run:
     concurrency: int = 0  # consumerd only
     max_tasks_per_child: int = 0
     metrics: bool = True  # consumerd only: [metrics] listen on a free port, or "" (off)
+    task: str = "bench"  # consumerd only: bench_async (async def), bench_batch (batch_size=500)
+    async_concurrency: int = 100
 
     @property
     def label(self) -> str:
         if self.contender != "consumerd":
             return self.contender
-        return f"consumerd c={self.concurrency} mtpc={self.max_tasks_per_child}" + ("" if self.metrics else " metrics=off")
+        shape = {"bench_async": f" async={self.async_concurrency}", "bench_batch": " batch=500"}.get(self.task, "")
+        return f"consumerd c={self.concurrency} mtpc={self.max_tasks_per_child}{shape}" + ("" if self.metrics else " metrics=off")
 
 
 class Runner:
@@ -109,7 +112,9 @@ class Runner:
     # -- consumerd -------------------------------------------------------------------------------
     def _run_consumerd(self, sub: str, run: Run, out: Path) -> tuple[float, dict[str, Any]]:
         env = self._env(out) | ({} if run.metrics else {"CONSUMERD_METRICS__LISTEN": ""})
-        daemon = start_daemon(self._config(sub, run.concurrency, run.max_tasks_per_child), env)
+        daemon = start_daemon(
+            self._config(sub, run.concurrency, run.max_tasks_per_child, task=run.task, async_concurrency=run.async_concurrency), env
+        )
         try:
             ready_ts = ready_at(daemon)
             cpu_at_ready = daemon.cpu_seconds()  # start-up (imports, connecting) is not per message
@@ -121,15 +126,22 @@ class Runner:
         rpcs = stopped.get("rpcs", {}) if stopped else {}
         usage["consumer_cpu_s_per_1k"] = round(usage.pop("consumer_cpu_s") * 1000 / run.n, 3)
         usage["rpcs_per_1k"] = {k: round(v * 1000 / run.n, 1) for k, v in rpcs.items()}
+        batches = Path(f"{out}.batches")
+        if batches.exists():
+            sizes = [int(line) for line in batches.read_text().split()]
+            usage["batch_median"] = statistics.median(sizes)
+            usage["batches"] = len(sizes)
         return ready_ts, usage
 
-    def _config(self, sub: str, concurrency: int, mtpc: int, ack_deadline: int = 60) -> Path:
+    def _config(
+        self, sub: str, concurrency: int, mtpc: int, ack_deadline: int = 60, task: str = "bench", async_concurrency: int = 100
+    ) -> Path:
         path = Path(tempfile.mktemp(prefix="bench-", suffix=".toml"))
         path.write_text(
             f'[pubsub]\nsubscription = "{sub}"\n'
-            f"[workers]\nconcurrency = {concurrency}\nmax_tasks_per_child = {mtpc}\n"
+            f"[workers]\nconcurrency = {concurrency}\nmax_tasks_per_child = {mtpc}\nasync_concurrency = {async_concurrency}\n"
             f"[leases]\nack_deadline = {ack_deadline}\n"
-            '[tasks]\nmodules = ["bench.tasks"]\ndefault = "bench"\n[logging]\nformat = "json"\n'
+            f'[tasks]\nmodules = ["bench.tasks"]\ndefault = "{task}"\n[logging]\nformat = "json"\n'
         )
         return path
 
@@ -202,10 +214,13 @@ def ready_at(daemon: Daemon, timeout: float = 60.0) -> float:
 
 
 def daemon_usage(daemon: Daemon) -> dict[str, Any]:
+    workers = [_hwm_mb(pid) or 0.0 for pid in daemon.workers()]
+    supervisor = _hwm_mb(daemon.pid)
     return {
         "consumer_cpu_s": daemon.cpu_seconds(),
-        "consumer_rss_mb": _hwm_mb(daemon.pid),
-        "worker_rss_mb": max((_hwm_mb(pid) or 0.0 for pid in daemon.workers()), default=None),
+        "consumer_rss_mb": supervisor,
+        "worker_rss_mb": max(workers, default=None),
+        "total_rss_mb": round((supervisor or 0.0) + sum(workers), 1),  # the supervisor and all its workers
     }
 
 

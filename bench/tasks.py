@@ -8,6 +8,7 @@ so a task that shares a core takes longer instead of quietly doing less.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -19,6 +20,8 @@ WORKLOADS = {
     "cpu20": (["cpu20"], "CPU-bound, 20 ms of pure Python"),
     "tail": (["cpu10"] * 9 + ["sleep1000"], "heavy tail: 90 % 10 ms CPU, 10 % 1 s sleep"),
     "io100": (["sleep100"], "I/O-bound, 100 ms sleep"),
+    "aio100": (["sleep100"], "I/O-bound, 100 ms sleep; consumerd runs it as an async def task"),
+    "batch": (["noop"], "no-op; consumerd runs it as a batch task, 500 messages per call"),
 }
 
 
@@ -63,3 +66,28 @@ def record(message_id: str, publish_ts: float) -> None:
 def bench(msg: Message) -> None:
     work(msg.attributes["kind"])
     record(msg.message_id, msg.publish_time.timestamp() if msg.publish_time else 0.0)
+
+
+@task("bench_async")
+async def bench_async(msg: Message) -> None:
+    kind = msg.attributes["kind"]
+    if kind.startswith("sleep"):
+        await asyncio.sleep(float(kind[5:]) / 1000)
+    else:
+        work(kind)
+    record(msg.message_id, msg.publish_time.timestamp() if msg.publish_time else 0.0)
+
+
+@task("bench_batch", batch_size=500, batch_wait=1.0)
+def bench_batch(msgs: list[Message]) -> None:
+    for msg in msgs:
+        work(msg.attributes["kind"])
+    now = time.time()
+    lines = "".join(f"{m.message_id} {m.publish_time.timestamp() if m.publish_time else 0.0:.6f} {now:.6f} {os.getpid()}\n" for m in msgs)
+    fd = os.open(os.environ["BENCH_OUT"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, lines.encode())  # one write per batch: lines never interleave
+    finally:
+        os.close(fd)
+    with open(os.environ["BENCH_OUT"] + ".batches", "a") as sizes:
+        sizes.write(f"{len(msgs)}\n")

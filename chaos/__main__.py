@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from chaos.tasks import FATES
+from chaos.tasks import FATES_OF, SHAPES
 from consumerd.config import PubSubSettings
 from consumerd.emulator import Emulator
 from consumerd.pubsub import PubSub
@@ -42,6 +42,7 @@ class Soak:
         self.n = messages
         self.rng = random.Random(seed)
         self.dir = workdir
+        self.shapes: dict[str, str] = {}  # message id -> the task it was sent to
         self.ledger = workdir / "ledger.txt"
         self.log = workdir / "daemon.log"
         self.events: list[tuple[float, str]] = []  # (time, what) for the duplicate causes
@@ -73,10 +74,17 @@ class Soak:
 
     def publish(self, topic: str) -> dict[str, str]:
         publisher = self.adapter.batch_publisher()
-        names, weights = zip(*FATES.items())
-        chosen = self.rng.choices(names, weights, k=self.n)
-        futures = [(fate, publisher.publish(topic, f"payload {i}".encode(), fate=fate)) for i, fate in enumerate(chosen)]
-        fates = {future.result(timeout=60): fate for fate, future in futures}
+        shapes = self.rng.choices(list(SHAPES), list(SHAPES.values()), k=self.n)
+        chosen = [(shape, self.rng.choices(list(FATES_OF[shape]), list(FATES_OF[shape].values()))[0]) for shape in shapes]
+        futures = [
+            (shape, fate, publisher.publish(topic, f"payload {i}".encode(), fate=fate, task=shape))
+            for i, (shape, fate) in enumerate(chosen)
+        ]
+        fates = {}
+        for shape, fate, future in futures:
+            mid = future.result(timeout=60)
+            fates[mid] = fate
+            self.shapes[mid] = shape
         publisher.stop()
         return fates
 
@@ -84,7 +92,7 @@ class Soak:
         config = self.dir / "consumerd.toml"
         config.write_text(
             f'[pubsub]\nsubscription = "{sub}"\n'
-            f"[workers]\nconcurrency = 8\ntask_timeout = {TASK_TIMEOUT}\n"
+            f"[workers]\nconcurrency = 8\nasync_concurrency = 20\ntask_timeout = {TASK_TIMEOUT}\n"
             f"[leases]\nack_deadline = {ACK_DEADLINE}\n"
             "[retry]\nmin_backoff = 0.5\nmax_backoff = 2\n"
             f'[dead_letter]\ntopic = "{dl_topic}"\nmax_attempts = 20\n'
@@ -226,6 +234,7 @@ class Soak:
             "orphaned_workers_left_after_sigkill": self.orphans_left,
             "peak_supervisor_rss_mb": round(self.peak_rss_mb, 1),
             "fates": dict(Counter(fates.values())),
+            "shapes": {shape: dict(Counter(f for mid, f in fates.items() if self.shapes[mid] == shape)) for shape in SHAPES},
         }
 
     def duplicate_causes(self, duplicates: dict[str, int], fates: dict[str, str], lines: list[list[str]]) -> dict[str, int]:

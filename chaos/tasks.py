@@ -6,12 +6,15 @@ succeed (a `reject` never does). Every run appends `message_id attempt pid event
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import signal
 import time
 
-from consumerd import Message, Reject, task
+from consumerd import BatchResult, Message, Reject, task
+
+SHAPES = {"chaos": 0.7, "chaos_async": 0.15, "chaos_batch": 0.15}  # task: share of messages
 
 FATES = {  # fate: share of messages
     "ok": 0.76,
@@ -25,6 +28,26 @@ FATES = {  # fate: share of messages
     "reject": 0.02,
     "fork": 0.04,  # leaves a child process behind, then succeeds
 }
+ASYNC_FATES = {  # for the async def task: its coroutines share a worker
+    "ok": 0.78,
+    "slow": 0.02,
+    "raise": 0.04,
+    "hang": 0.04,  # past its timeout: cancelled, retried, the worker lives on
+    "stubborn": 0.02,  # ignores the cancellation: its worker is killed, its siblings retried
+    "exit": 0.03,
+    "sigkill": 0.03,
+    "reject": 0.04,
+}
+BATCH_FATES = {  # for the batch task (10 per call): one message's fate is its batch's
+    "ok": 0.80,
+    "slow": 0.02,
+    "raise": 0.04,  # the whole batch fails
+    "partial": 0.06,  # only this message fails (BatchResult)
+    "exit": 0.03,  # the worker dies: the whole batch crashed
+    "sigkill": 0.02,
+    "reject": 0.03,  # only this message is rejected
+}
+FATES_OF = {"chaos": FATES, "chaos_async": ASYNC_FATES, "chaos_batch": BATCH_FATES}
 
 
 def _ledger_line(msg: Message, event: str) -> None:
@@ -46,14 +69,19 @@ def _first_run(msg: Message) -> bool:
     return starts <= 1  # this run's own start is already written
 
 
-@task("chaos")
-def chaos(msg: Message) -> None:
+def _begin(msg: Message) -> str | None:
+    """Record the start; a reject raises here; returns the fate to act out now, if any."""
     _ledger_line(msg, "start")
     fate = msg.attributes.get("fate", "ok")
     if fate == "reject":
         _ledger_line(msg, "reject")
         raise Reject("chaos: rejected on purpose")
-    if fate != "ok" and _first_run(msg):
+    return fate if fate != "ok" and _first_run(msg) else None
+
+
+@task("chaos")
+def chaos(msg: Message) -> None:
+    if fate := _begin(msg):
         misbehave(fate)
     _ledger_line(msg, "success")
 
@@ -78,3 +106,43 @@ def misbehave(fate: str) -> None:
         if os.fork() == 0:  # a child that would outlive the task: its process group is swept
             time.sleep(3600)
             os._exit(0)
+
+
+@task("chaos_async")
+async def chaos_async(msg: Message) -> None:
+    if fate := _begin(msg):
+        if fate == "hang":
+            await asyncio.sleep(3600)
+        elif fate == "stubborn":
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    pass
+        elif fate == "slow":
+            await asyncio.sleep(float(os.environ.get("CHAOS_SLOW_SECONDS", "12")))
+        else:
+            misbehave(fate)
+    _ledger_line(msg, "success")
+
+
+@task("chaos_batch", batch_size=10, batch_wait=0.2)
+def chaos_batch(msgs: list[Message]) -> BatchResult:
+    for msg in msgs:
+        _ledger_line(msg, "start")
+    first = {m.message_id: _first_run(m) for m in msgs}
+    fates = {m.message_id: m.attributes.get("fate", "ok") for m in msgs}
+    for fate in ("slow", "raise", "exit", "sigkill"):  # what happens to one happens to its whole batch
+        if any(f == fate and first[mid] for mid, f in fates.items()):
+            misbehave(fate)
+    result = BatchResult()
+    for msg in msgs:
+        fate = fates[msg.message_id]
+        if fate == "reject":
+            _ledger_line(msg, "reject")
+            result.reject(msg, "chaos: rejected on purpose")
+        elif fate == "partial" and first[msg.message_id]:
+            result.fail(msg, RuntimeError("chaos: this message of the batch failed"))
+        else:
+            _ledger_line(msg, "success")
+    return result

@@ -6,10 +6,22 @@ from .errors import PayloadError, Reject, Retry, TaskCancelled
 from .message import Message
 
 if TYPE_CHECKING:
+    from .batch import BatchResult
     from .registry import on_worker_start, on_worker_stop, task
 
-__version__ = "0.1.0"
-__all__ = ["Message", "PayloadError", "Reject", "Retry", "TaskCancelled", "on_worker_start", "on_worker_stop", "task", "__version__"]
+__version__ = "0.2.0"
+__all__ = [
+    "BatchResult",
+    "Message",
+    "PayloadError",
+    "Reject",
+    "Retry",
+    "TaskCancelled",
+    "on_worker_start",
+    "on_worker_stop",
+    "task",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from . import registry
 
         return getattr(registry, name)
+    if name == "BatchResult":
+        from .batch import BatchResult
+
+        return BatchResult
     raise AttributeError(f"module 'consumerd' has no attribute {name!r}")

@@ -71,12 +71,44 @@ class Backlog:
                 return None  # keep arrival order: nothing overtakes a big message waiting for room
             if self._task_free(inflight.task) and self._key_free(inflight.key, now):
                 del self.waiting[index]
-                self.running_bytes += inflight.size
-                self.running_tasks[inflight.task] += 1
-                if self.ordered and inflight.key:
-                    self.running_keys.add(inflight.key)
+                self._started(inflight)
                 return inflight
         return None
+
+    def take_batch(self, task: str, n: int, now: float) -> list[InFlight]:
+        """Remove and return up to ``n`` more messages of ``task`` that may start now (a batch)."""
+        taken: list[InFlight] = []
+        if n <= 0:
+            return taken
+        kept: collections.deque[InFlight] = collections.deque()
+        for inflight in self.waiting:
+            if (
+                len(taken) < n
+                and inflight.task == task
+                and self._fits(inflight)
+                and self._task_free(task)
+                and self._key_free(inflight.key, now)
+            ):
+                self._started(inflight)
+                taken.append(inflight)
+            else:
+                kept.append(inflight)
+        if taken:
+            self.waiting = kept
+        return taken
+
+    def unget(self, items: list[InFlight]) -> None:
+        """Put messages `next_ready`/`take_batch` returned back at the front, in their order: they
+        could not start after all (no worker free for them, a batch still filling)."""
+        for inflight in reversed(items):
+            self.finished(inflight)
+            self.waiting.appendleft(inflight)
+
+    def _started(self, inflight: InFlight) -> None:
+        self.running_bytes += inflight.size
+        self.running_tasks[inflight.task] += 1
+        if self.ordered and inflight.key:
+            self.running_keys.add(inflight.key)
 
     def _fits(self, inflight: InFlight) -> bool:
         if not self.max_running_bytes or not self.running_bytes:

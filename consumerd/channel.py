@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from .errors import WorkerProtocolError
-from .protocol import MAX_RESULT_FRAME, Job, Result
+from .protocol import MAX_RESULT_FRAME, Result, Unit
 
 T = TypeVar("T")
 _HEADER = struct.Struct(">I")
@@ -29,8 +29,9 @@ def frame(payload: bytes) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-def encode_job(job: Job) -> bytes:
-    return frame(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+def encode_units(units: list[Unit]) -> bytes:
+    """One frame carrying every job for one worker from one dispatch pass (fewer crossings)."""
+    return frame(pickle.dumps(tuple(units), protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def encode_result(result: Result) -> bytes:

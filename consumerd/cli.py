@@ -17,6 +17,7 @@ from .config import Settings, config_path, load_settings
 from .errors import ConfigError, ConsumerdError, ExitCode
 from .limits import check_concurrency, raise_nofile
 from .logsetup import configure_logging, get_logger
+from .sandbox import make_undumpable
 
 DEFAULT_SOCKET = "/run/consumerd/control.sock"  # RuntimeDirectory=consumerd in the unit
 
@@ -112,6 +113,8 @@ def cmd_run(args: argparse.Namespace) -> ExitCode:
     log.info("daemon.starting", version=__version__, config=str(path))
     warn_if_readable_by_others(path, settings, log)
     warn_if_emulator_is_remote(settings.pubsub.emulator_host, log)
+    if not make_undumpable():  # task code (same user) must not read our memory or environment
+        log.warning("daemon.dumpable", detail="prctl(PR_SET_DUMPABLE, 0) failed: same-user processes can read this one's memory")
     from .supervisor import (
         Supervisor,  # imports grpc: only for the commands that talk to Pub/Sub
     )

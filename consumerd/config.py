@@ -38,6 +38,9 @@ class PubSubSettings(_Section):
     project: str = ""
     subscription: str = ""
     emulator_host: str = ""
+    # HOST:PORT of the service over TLS: the global endpoint, a regional one
+    # (europe-west1-pubsub.googleapis.com:443) or a Private Service Connect name.
+    endpoint: str = "pubsub.googleapis.com:443"
     credentials_file: str = ""
     startup_timeout: float = Field(60.0, gt=0, le=3600)
     pull_timeout: float = Field(30.0, ge=2, le=60)  # an empty long poll's length; also how soon a hung Pub/Sub shows
@@ -53,6 +56,13 @@ class PubSubSettings(_Section):
         if match and not self.project:
             object.__setattr__(self, "project", match["project"])
         return self
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_form(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}:[0-9]{1,5}", value) or not 0 < int(value.rsplit(":", 1)[1]) < 65536:
+            raise ValueError("must be HOST:PORT, e.g. pubsub.googleapis.com:443 or europe-west1-pubsub.googleapis.com:443")
+        return value
 
     @field_validator("subscription")
     @classmethod
@@ -94,6 +104,18 @@ class WorkerSettings(_Section):
     concurrency: int = Field(8, ge=1, le=1024)
     max_tasks_per_child: int = Field(0, ge=0)
     task_timeout: float = Field(600, gt=0, le=86400)
+    async_concurrency: int = Field(100, ge=1, le=10000)  # coroutines at once per worker (async def tasks)
+    # Variables for task code: the workers get the daemon's environment without its secrets (see
+    # `sandbox`), plus these (e.g. GOOGLE_APPLICATION_CREDENTIALS for a key of the tasks' own).
+    environment: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("environment")
+    @classmethod
+    def _names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or "\0" in text:
+                raise ValueError(f"workers.environment: {name!r} is not a valid variable name (or its value has a NUL)")
+        return value
 
 
 class LeaseSettings(_Section):
@@ -343,7 +365,16 @@ def _cause(exc: BaseException) -> str:
 
 # What SIGHUP cannot change in a running daemon: the subscription and clients, what the fork server
 # preloaded, and the log renderer. Changing them needs a restart.
-FIXED_ON_RELOAD = ("pubsub", "tasks", "metrics", "control", "tracing", "workers.max_tasks_per_child", "logging.format")
+FIXED_ON_RELOAD = (
+    "pubsub",
+    "tasks",
+    "metrics",
+    "control",
+    "tracing",
+    "workers.max_tasks_per_child",
+    "workers.environment",
+    "logging.format",
+)
 
 
 def reload_plan(old: Settings, new: Settings) -> tuple[Settings, list[str], list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 
@@ -37,6 +38,20 @@ def hash_(msg: Message) -> None:
 def resize(msg: Message) -> None:
     """Per-task options: at most 2 run at once on this host (other tasks still run), 10 s timeout."""
     time.sleep(float(msg.json().get("seconds", 1)) if msg.data else 1.0)
+
+
+@task("fetch")
+async def fetch(msg: Message) -> None:
+    """An async task: waits the JSON payload's "seconds" (default 0.5) without holding a process;
+    one worker runs up to `workers.async_concurrency` of these at once."""
+    await asyncio.sleep(float(msg.json().get("seconds", 0.5)) if msg.data else 0.5)
+    log.info("demo.fetched", message_id=msg.message_id)
+
+
+@task("rows", batch_size=5, batch_wait=1.0)
+def rows(msgs: list[Message]) -> None:
+    """A batch task: up to 5 messages per call (waiting at most 1 s to fill), like one INSERT."""
+    log.info("demo.rows", count=len(msgs), message_ids=[m.message_id for m in msgs])
 
 
 @task("fail")

@@ -26,6 +26,8 @@ DEMO_MESSAGES = [
     ("hash", '{"ms": 50}', 4),  # CPU-bound: one core per worker
     ("sleep", '{"seconds": 2}', 2),
     ("resize", '{"seconds": 1}', 4),  # per-task options: at most 2 at once, its own 10 s timeout
+    ("fetch", '{"seconds": 0.5}', 20),  # async def: the 20 wait together on one worker's event loop
+    ("rows", '{"row": 1}', 12),  # a batch task: called with up to 5 messages at once
     ("fail", "this one fails: retried with backoff, then dead-lettered after 3 attempts", 1),
 ]
 
@@ -111,7 +113,7 @@ def try_it(host: str) -> str:
     return (
         "devrun: send your own message from another terminal:\n"
         f"  PUBSUB_EMULATOR_HOST={host} GOOGLE_CLOUD_PROJECT={PROJECT} {cli} publish --topic {TOPIC} --attr task=echo 'hi there'\n"
-        f"  (tasks: echo, hash, sleep, resize, fail, noop; status: {cli} status --socket {CONTROL_SOCKET})"
+        f"  (tasks: echo, hash, sleep, resize, fetch, rows, fail, noop; status: {cli} status --socket {CONTROL_SOCKET})"
     )
 
 

@@ -16,6 +16,7 @@ from .admission import Router, Verdict
 from .backlog import Backlog, InFlight
 from .config import Settings
 from .flow import Ewma, prefetch_allowance, pull_size
+from .handles import Mode, WorkerHandle
 from .pool import Pool
 from .protocol import TaskOptions
 from .pubsub import Received
@@ -26,6 +27,17 @@ from .settler import Settler
 STALL = 2.0
 PRUNE_INTERVAL = 10.0  # seconds between prunes of ordering-key holds and attempt counts
 MAX_FORWARDING = 1000  # dead-letter copies in flight before pulling waits for the forwarder
+# Sync jobs queued behind the running one, per worker: as many as run in QUEUE_HORIZON seconds
+# (at least one, so a worker never waits for its next job), at most MAX_QUEUED. None behind tasks
+# longer than PIPELINE_UP_TO seconds (or of unknown length): the ~0.1 ms a queued job saves is
+# nothing beside them, and a queued message would wait leased here, and hold up a drain, as long.
+QUEUE_HORIZON = 0.002
+MAX_QUEUED = 16
+PIPELINE_UP_TO = 1.0
+# Pulls are sized for coroutines or batches only while such messages arrive: a batch task that is
+# merely loaded must not make every pull fetch batch-sized backlogs of other tasks.
+SHAPE_MEMORY = 10.0
+NO_OPTIONS = TaskOptions()
 OnError = Callable[[str, Exception, InFlight | None], None]
 
 
@@ -44,12 +56,20 @@ class Intake:
         self._next_prune = 0.0
         self._last_tick = float("inf")  # set by the first tick
         self._stall: tuple[float, float] | None = None  # the last time the loop did not run: (start, end)
+        self.modes: frozenset[Mode] = frozenset({Mode.SYNC})  # what kinds of task exist
+        self.batch_due: float | None = None  # when a batch that is still filling must go anyway
+        self.shaped_seen: dict[str, float] = {}  # async or batch task -> when a message of it last came
 
     def set_tasks(self, tasks: dict[str, TaskOptions]) -> None:
         """The tasks the fork server found, with their `@task(...)` options (kept across reloads)."""
         self.task_names = frozenset(tasks)
         self.settler.task_options = tasks  # the one copy: timeouts are read from it too
-        self.backlog.task_caps = {name: o.concurrency for name, o in tasks.items() if o.concurrency}
+        # A batch task's concurrency counts calls: that many batches at once.
+        self.backlog.task_caps = {name: o.concurrency * o.batch for name, o in tasks.items() if o.concurrency}
+        self.modes = frozenset(Mode.ASYNC if o.is_async else Mode.SYNC for o in tasks.values()) or frozenset({Mode.SYNC})
+
+    def options_of(self, task: str) -> TaskOptions:
+        return self.settler.task_options.get(task, NO_OPTIONS)
 
     def timeout_of(self, task: str) -> float:
         options = self.settler.task_options.get(task)
@@ -87,6 +107,9 @@ class Intake:
             message = dataclasses.replace(message, key_attribute=self.settings.tasks.idempotency_attribute)
         attempt = self.attempts.count(message.message_id, message.delivery_attempt, now)
         inflight = InFlight(received.ack_id, message, self.router.route(message.attributes), attempt, now)
+        options = self.options_of(inflight.task)
+        if options.is_async or options.batch_size:
+            self.shaped_seen[inflight.task] = now
         self.settler.hold(inflight, now, self.lease_deadline)
         self.settler.metrics.received(attempt)
         return inflight
@@ -112,17 +135,92 @@ class Intake:
 
     # -- out to workers --------------------------------------------------------------------
     def dispatch(self, pool: Pool, now: float) -> None:
-        """Start what may start on the idle workers; drop what lapsed while it waited."""
-        idle = pool.idle_workers()
-        while idle and (inflight := self.backlog.next_ready(now)) is not None:
+        """Start what may start, oldest first: on an idle worker, queued behind a running sync job,
+        or as one more coroutine; drop what lapsed while it waited. What finds no worker waits for
+        the next pass, and keeps the other kind of task from taking the worker it needs."""
+        deferred: list[InFlight] = []
+        blocked: set[Mode] = set()
+        self.batch_due = None
+        while len(blocked) < len(self.modes) and (inflight := self.backlog.next_ready(now)) is not None:
             try:
                 if self.settler.lapsed(inflight, now):
                     self.backlog.finished(inflight)  # it never ran: frees its key and bytes
                     self.settler.drop_lapsed(inflight, now)
-                else:
-                    pool.assign(idle.pop(), inflight, self.timeout_of(inflight.task), now)
+                    continue
+                options = self.options_of(inflight.task)
+                mode = Mode.ASYNC if options.is_async else Mode.SYNC
+                worker = None if mode in blocked else self.pick(pool, mode, blocked)
+                if worker is None:
+                    blocked.add(mode)
+                    deferred.append(inflight)
+                    continue
+                unit = [inflight]
+                if options.batch_size:
+                    unit += self.backlog.take_batch(inflight.task, options.batch_size - 1, now)
+                    if len(unit) < options.batch_size and now < (due := inflight.received_at + (options.batch_wait or 0.0)):
+                        self.batch_due = due if self.batch_due is None else min(self.batch_due, due)
+                        deferred += unit  # still filling: the next pull may complete it
+                        continue
+                pool.assign(worker, unit, mode, self.timeout_of(inflight.task), now, batch=bool(options.batch_size))
             except Exception as exc:  # noqa: BLE001 - the safety net, with this message to give back
                 self.on_error("dispatch", exc, inflight)
+        self.backlog.unget(deferred)
+        pool.flush(now)
+
+    def pick(self, pool: Pool, mode: Mode, blocked: set[Mode]) -> WorkerHandle | None:
+        """The worker with the most room for a call of ``mode``. While the other kind waits for a
+        worker, sync jobs go to idle workers only and one async worker takes no more coroutines, so
+        a worker frees up for it."""
+        if mode is Mode.ASYNC:
+            depth = self.settings.workers.async_concurrency
+        else:
+            depth = 1 if Mode.ASYNC in blocked else 1 + self.queue_depth()
+        best, room = None, 0
+        for worker in pool.workers.values():
+            if worker.reserved is not None and worker.reserved is not mode:
+                continue
+            r = pool.room(worker, mode, depth)
+            if r > room:
+                best, room = worker, r
+        if best is None and mode is Mode.SYNC and Mode.ASYNC in self.modes:
+            self.reserve_worker(pool, Mode.SYNC)
+        return best
+
+    @staticmethod
+    def reserve_worker(pool: Pool, mode: Mode) -> None:
+        """Let the least busy worker of the other kind run dry, then take ``mode``."""
+        if any(w.reserved is mode for w in pool.workers.values()):
+            return
+        others = [w for w in pool.workers.values() if w.live and w.mode is not None and w.mode is not mode]
+        if others:
+            min(others, key=lambda w: len(w.slots)).reserved = mode
+
+    def queue_depth(self) -> int:
+        """Sync jobs to queue behind a worker's running one: ~QUEUE_HORIZON seconds of work."""
+        mean = self.task_seconds.value
+        if mean is None or mean > PIPELINE_UP_TO:
+            return 0
+        return max(1, min(MAX_QUEUED, int(QUEUE_HORIZON / max(mean, 1e-6))))
+
+    def worker_capacity(self, now: float = 0.0) -> int:
+        """Messages one worker may hold at once, for sizing pulls: a pipeline of short jobs, or (while
+        their messages come, SHAPE_MEMORY) its coroutines, or two batches (one running, one queued)."""
+        capacity = 1 + self.queue_depth()
+        for task, seen in list(self.shaped_seen.items()):
+            if now - seen > SHAPE_MEMORY:
+                del self.shaped_seen[task]
+                continue
+            options = self.options_of(task)
+            capacity = max(capacity, self.settings.workers.async_concurrency if options.is_async else 2 * options.batch)
+        return capacity
+
+    def requeue(self, unstarted: list[InFlight], running: bool) -> None:
+        """Messages a dead worker never started: first in line again, untouched (still leased here,
+        no attempt used); given back instead when we are stopping."""
+        self.backlog.unget(unstarted)
+        if not running:
+            for inflight in self.backlog.take_where(lambda m: m in unstarted):
+                self.settler.give_back(inflight)
 
     def drop_lapsed(self, now: float) -> int:
         """After the loop was frozen: drop every waiting message whose lease ran out meanwhile, before
@@ -132,8 +230,9 @@ class Intake:
             self.settler.drop_lapsed(inflight, now)
         return len(lapsed)
 
-    def next_pull(self, concurrency: int, busy: int) -> int:
-        """How many messages to ask for now (0: none). The caller sends the request."""
+    def next_pull(self, concurrency: int, busy: int, now: float = 0.0) -> int:
+        """How many messages to ask for now (0: none), for ``concurrency`` workers holding ``busy``
+        messages. The caller sends the request."""
         forwarding = len(self.settler.forwarding)
         if self.requested or forwarding >= MAX_FORWARDING:
             return 0  # one pull at a time; and no more poison while the forwarder is this far behind
@@ -141,8 +240,16 @@ class Intake:
         if budget and self.backlog.held_bytes >= budget:
             return 0  # the byte budget is spent: pull again when messages are done
         prefetch = prefetch_allowance(concurrency, self.task_seconds.value)
-        # Copies being dead-lettered hold leases too: they count as busy.
-        n = pull_size(concurrency, busy + forwarding, len(self.backlog), self.requested, prefetch=prefetch)
+        per_worker = self.worker_capacity(now)
+        # Copies being dead-lettered hold leases too: they count as busy. A pull brings at most 1,000.
+        n = pull_size(
+            concurrency * per_worker,
+            busy + forwarding,
+            len(self.backlog),
+            self.requested,
+            prefetch=prefetch,
+            max_per_pull=min(1000, max(100, per_worker)),
+        )
         self.requested += n
         return n
 

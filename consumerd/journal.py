@@ -6,12 +6,16 @@ native protocol is a datagram of KEY=VALUE lines to /run/systemd/journal/socket;
 a newline use the binary form (KEY, newline, 64-bit little-endian length, value). Written here
 rather than taken from systemd-python (a C extension that needs libsystemd headers to build) or
 cysystemd: both send on a blocking socket, and a stalled journal must never stall the daemon.
-Sends that would block are dropped and counted; a datagram too large for the socket is retried
-with the payload-heavy fields cut.
+Sends that would block are dropped and counted. Each field is cut at MAX_FIELD bytes; an entry
+still too large for one datagram goes the way `sd_journal_send` sends it: written to a sealed memfd
+whose descriptor travels in an empty datagram (journald reads entries of up to 768 MiB that way).
 """
 
 from __future__ import annotations
 
+import array
+import errno
+import fcntl
 import logging
 import os
 import socket
@@ -26,6 +30,9 @@ _MESSAGE_ID_NAMESPACE = uuid.UUID("6f1b0d0e-2f8a-4c11-9a61-2b8f3c4d5e6f")
 PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 # Fields whose value says what happened, for the human-readable MESSAGE line.
 _SUMMARY_FIELDS = ("message_id", "task", "outcome", "attempt", "error", "reason")
+MAX_FIELD = 64 * 1024  # bytes per field value: a task's 150 KB error text is cut, not lost
+_CUT = b"... [cut]"
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 
 def stdout_is_journal(environ: Mapping[str, str] | None = None) -> bool:
@@ -48,6 +55,8 @@ def encode(fields: Mapping[str, Any]) -> bytes:
     parts = []
     for key, value in fields.items():
         data = value if isinstance(value, bytes) else str(value).encode("utf-8", "replace")
+        if len(data) > MAX_FIELD:
+            data = data[: MAX_FIELD - len(_CUT)] + _CUT
         name = key.encode()
         if b"\n" in data:
             parts.append(name + b"\n" + struct.pack("<Q", len(data)) + data + b"\n")
@@ -103,10 +112,27 @@ class JournalSender:
             self._sock.sendto(data, self.path)
             return True
         except OSError as exc:
-            if exc.errno == 90 and "CONSUMERD_EXCEPTION" in fields:  # EMSGSIZE: drop the traceback
-                return self.send({k: v for k, v in fields.items() if k != "CONSUMERD_EXCEPTION"})
+            if exc.errno == errno.EMSGSIZE and self._send_memfd(data):
+                return True
             self.dropped += 1
             return False
+
+    def _send_memfd(self, data: bytes) -> bool:
+        """An entry larger than a datagram: in a sealed memfd, its descriptor sent instead."""
+        try:
+            fd = os.memfd_create("consumerd-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError:
+            return False
+        try:
+            os.write(fd, data)  # a memfd takes all of it at once
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+            self._sock.sendmsg([], rights, 0, self.path)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
 
 class JournalLogger:

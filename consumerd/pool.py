@@ -21,19 +21,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .backlog import InFlight
-from .channel import encode_job
+from .channel import encode_units
 from .config import Settings
 from .errors import ConfigError, ConsumerdError, WorkerProtocolError
 from .handles import (
     KillReason,
+    Lost,
+    Mode,
     PoolEvent,
     WorkerExited,
     WorkerHandle,
     WorkerResult,
     WorkerStarted,
+    outcome_of,
 )
 from .protocol import (
     MAX_PACKET,
+    BatchJob,
     Exited,
     ForkServerSpec,
     Job,
@@ -43,9 +47,11 @@ from .protocol import (
     Spawn,
     Spawned,
     TaskOptions,
+    Unit,
     decode_control,
     encode_control,
 )
+from .sandbox import task_environment
 
 SEND_TIMEOUT = 30.0  # seconds to hand a job to an idle worker (a 10 MB message takes milliseconds)
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL to a worker's process group
@@ -64,6 +70,7 @@ def fork_server_spec(settings: Settings) -> ForkServerSpec:
         log_level=settings.logging.level,
         max_tasks_per_child=settings.workers.max_tasks_per_child,
         tracing=settings.tracing.enabled,
+        environment=tuple(settings.workers.environment.items()),
     )
 
 
@@ -98,6 +105,7 @@ class Pool:
             [sys.executable, "-I", "-c", _BOOTSTRAP, str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
+            env=task_environment(os.environ, dict(self.spec.environment)),  # no secrets for task code
         )
         theirs.close()
         self._control = ours
@@ -171,7 +179,10 @@ class Pool:
         self._close(handle)
         _sweep_process_group(pid)
         reason = handle.kill_detail or describe_status(status)
-        return [WorkerExited(handle, handle.inflight, status, handle.kill_reason, reason, self._ran_for(handle, now))]
+        lost = [Lost(s.inflight, outcome_of(handle.kill_reason, s), now - s.started_at) for s in handle.started()]  # type: ignore[operator]
+        unstarted = [s.inflight for s in handle.slots.values() if s.started_at is None]
+        handle.slots.clear()
+        return [WorkerExited(handle, lost, unstarted, status, handle.kill_reason, reason)]
 
     # -- workers ---------------------------------------------------------------------------
     def spawn_missing(self) -> int:
@@ -185,41 +196,59 @@ class Pool:
         return max(0, missing)
 
     def retire_surplus(self) -> int:
-        """After the pool shrank: close idle workers beyond ``size`` (busy ones, once they finish)."""
+        """After the pool shrank: close idle workers beyond ``size``; busy ones take no new job and
+        are closed once they hold none (`read_worker`)."""
         live = [w for w in self.workers.values() if w.live]
         surplus = len(live) + self._pending_spawns - self.size
         retired = 0
-        for worker in live:
+        for worker in sorted(live, key=lambda w: len(w.slots)):  # idle ones first
             if retired >= surplus:
                 break
-            if worker.idle:
+            worker.retiring = True
+            if not worker.slots:
                 self._close(worker)  # it exits by itself when its channel closes
-                retired += 1
+            retired += 1
         return retired
 
     def idle_workers(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.idle]
 
+    @staticmethod
+    def room(worker: WorkerHandle, mode: Mode, depth: int) -> int:
+        return worker.room(mode, depth)
+
     def running(self) -> list[InFlight]:
-        """The messages workers are running now."""
+        """The messages workers are running now (not those queued behind them)."""
         return [job.inflight for job in self.jobs()]
+
+    def queued(self) -> list[InFlight]:
+        """Messages sent to a worker that has not started them yet."""
+        return [s.inflight for w in self.workers.values() for s in w.slots.values() if s.started_at is None]
 
     def jobs(self) -> list[RunningJob]:
         """What runs now, worker by worker (for `consumerd status`)."""
-        return [RunningJob(w.pid, w.inflight, w.started_at) for w in self.workers.values() if w.inflight is not None]
+        return [RunningJob(w.pid, s.inflight, s.started_at) for w in self.workers.values() for s in w.started()]  # type: ignore[arg-type]
 
     def busy_count(self) -> int:
-        return sum(1 for w in self.workers.values() if w.job is not None)
+        """Messages the workers hold, running or queued."""
+        return sum(len(w.slots) for w in self.workers.values())
 
-    def assign(self, worker: WorkerHandle, inflight: InFlight, timeout: float, now: float) -> None:
-        job = Job(next(self._seq), inflight.task, inflight.message)
-        worker.job, worker.inflight = job, inflight
-        worker.started_at, worker.deadline = now, now + timeout
-        inflight.worker_pid = worker.pid
-        try:
-            _send(worker.sock, encode_job(job))
-        except OSError as exc:  # died, or stuck not reading: it is killed and the job fails
-            self.kill(worker, KillReason.SEND_FAILED, now, f"could not send job: {type(exc).__name__}", grace=0)
+    def assign(self, worker: WorkerHandle, unit: list[InFlight], mode: Mode, timeout: float, now: float, batch: bool = False) -> None:
+        """Add one call (one message, or a batch's) to the worker's next frame (`flush` sends it)."""
+        jobs = tuple(Job(next(self._seq), inflight.task, inflight.message, timeout) for inflight in unit)
+        worker.hold(list(zip(jobs, unit, strict=True)), mode, timeout, now, KILL_GRACE)
+        worker.outbox.append(BatchJob(unit[0].task, jobs, timeout) if batch else jobs[0])
+
+    def flush(self, now: float) -> None:
+        """Send each worker the jobs assigned to it since the last flush, in one frame."""
+        for worker in self.workers.values():
+            if worker.outbox:
+                units: list[Unit] = worker.outbox
+                worker.outbox = []
+                try:
+                    _send(worker.sock, encode_units(units))
+                except OSError as exc:  # died, or stuck not reading: it is killed and its jobs fail
+                    self.kill(worker, KillReason.SEND_FAILED, now, f"could not send job: {type(exc).__name__}", grace=0)
 
     def read_worker(self, worker: WorkerHandle, now: float) -> list[PoolEvent]:
         """Results the worker sent; at end of stream or garbage the worker is killed (exit follows)."""
@@ -231,45 +260,46 @@ class Pool:
             data = b""
         if not data:
             self._close(worker)
-            if worker.job is not None:  # it crashed, or closed its channel mid-task: make sure it is gone
+            if worker.slots:  # it crashed, or closed its channel mid-task: make sure it is gone
                 self.kill(worker, KillReason.CHANNEL_CLOSED, now, grace=0)  # the exit status will tell why
             return []
         try:
             worker.reader.feed(data)
-            return [self._result(worker, result, now) for result in worker.reader.take()]
+            events: list[PoolEvent] = [self._result(worker, result, now) for result in worker.reader.take()]
         except WorkerProtocolError as exc:
             self.kill(worker, KillReason.PROTOCOL_ERROR, now, f"protocol error: {exc}", grace=0)
             return []
-
-    def _result(self, worker: WorkerHandle, result: Result, now: float) -> WorkerResult:
-        job, inflight = worker.job, worker.inflight
-        if job is None or inflight is None or result.seq != job.seq:
-            raise WorkerProtocolError(f"result for job {result.seq} from worker {worker.pid}, which runs no such job")
-        event = WorkerResult(worker, inflight, result, self._ran_for(worker, now))
-        worker.job, worker.inflight, worker.deadline = None, None, float("inf")
-        worker.tasks_done += 1
-        return event
+        if worker.retiring and not worker.slots:
+            self._close(worker)
+        return events
 
     @staticmethod
-    def _ran_for(worker: WorkerHandle, now: float) -> float:
-        return max(0.0, now - worker.started_at) if worker.job is not None else 0.0
+    def _result(worker: WorkerHandle, result: Result, now: float) -> WorkerResult:
+        slot, ran_for = worker.release(result.seq, now)
+        return WorkerResult(worker, slot.inflight, result, ran_for)
 
     # -- timeouts and kills ------------------------------------------------------------------
     def overdue(self, now: float) -> list[WorkerHandle]:
-        """Busy workers past their task's timeout that are not being killed yet."""
-        return [w for w in self.workers.values() if w.job is not None and w.kill_escalate_at is None and now >= w.deadline]
+        """Workers running a job past its deadline that are not being killed yet."""
+        return [w for w in self.workers.values() if w.kill_escalate_at is None and any(now >= s.deadline for s in w.started())]
 
     def kill_overdue(self, now: float) -> int:
         overdue = self.overdue(now)
         for worker in overdue:
-            timeout = worker.deadline - worker.started_at
-            self.kill(worker, KillReason.TIMEOUT, now, f"timeout after {timeout:g}s")
+            late = [s for s in worker.started() if now >= s.deadline]
+            for slot in late:
+                slot.timed_out = True
+            timeout = late[0].timeout
+            if worker.mode is Mode.ASYNC:  # it was cancelled at its timeout and ignored that
+                self.kill(worker, KillReason.TIMEOUT, now, f"timeout after {timeout:g}s, cancellation ignored", grace=0)
+            else:
+                self.kill(worker, KillReason.TIMEOUT, now, f"timeout after {timeout:g}s")
         return len(overdue)
 
     def kill_busy(self, reason: KillReason, now: float, grace: float) -> None:
-        """Stop every worker that runs a task (draining past its deadline, a quick stop)."""
+        """Stop every worker that holds a job (draining past its deadline, a quick stop)."""
         for worker in list(self.workers.values()):
-            if worker.job is not None:
+            if worker.slots:
                 self.kill(worker, reason, now, reason.value.replace("_", " "), grace=grace)
 
     def kill(self, worker: WorkerHandle, reason: KillReason, now: float, detail: str = "", grace: float = KILL_GRACE) -> None:
@@ -288,8 +318,8 @@ class Pool:
                 worker.kill_escalate_at = float("inf")  # once is enough; the exit event follows
 
     def next_deadline(self) -> float | None:
-        """The next moment something is due here: a task's timeout or a kill's escalation."""
-        due = [w.deadline for w in self.workers.values() if w.job is not None and w.kill_escalate_at is None]
+        """The next moment something is due here: a job's deadline or a kill's escalation."""
+        due = [s.deadline for w in self.workers.values() if w.kill_escalate_at is None for s in w.started()]
         due += [w.kill_escalate_at for w in self.workers.values() if w.kill_escalate_at is not None and w.kill_escalate_at != float("inf")]
         return min(due) if due else None
 

@@ -40,7 +40,9 @@ class Outcome(enum.StrEnum):
 
 
 # What a worker may report; the rest are decided by the supervisor alone.
-WORKER_OUTCOMES = frozenset({Outcome.SUCCESS, Outcome.ERROR, Outcome.RETRY, Outcome.REJECT, Outcome.UNKNOWN_TASK})
+# TIMEOUT: an async task the worker cancelled at its timeout (a sync one is killed by the supervisor).
+WORKER_OUTCOMES = frozenset({Outcome.SUCCESS, Outcome.ERROR, Outcome.RETRY, Outcome.REJECT, Outcome.UNKNOWN_TASK, Outcome.TIMEOUT})
+MAX_BATCH = 1000  # messages per batch call: what one Pub/Sub pull returns at most
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -52,6 +54,14 @@ class TaskOptions:
     min_backoff: float | None = None  # replace retry.min_backoff / max_backoff
     max_backoff: float | None = None
     max_attempts: int | None = None  # replaces dead_letter.max_attempts
+    batch_size: int | None = None  # a batch task: called with up to this many messages at once
+    batch_wait: float | None = None  # seconds a batch may wait to fill (default 1.0)
+    is_async: bool = False  # an `async def` task: runs on the worker's event loop
+
+    @property
+    def batch(self) -> int:
+        """Messages per call: 1 for a task that takes one message."""
+        return self.batch_size or 1
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty: valid). Checked where they are made and received."""
@@ -68,6 +78,14 @@ class TaskOptions:
             out.append("min_backoff must not exceed max_backoff")
         if self.max_attempts is not None and not (_is_int(self.max_attempts) and 1 <= self.max_attempts <= 1000):
             out.append("max_attempts must be a whole number from 1 to 1000")
+        if self.batch_size is not None and not (_is_int(self.batch_size) and 1 <= self.batch_size <= MAX_BATCH):
+            out.append(f"batch_size must be a whole number from 1 to {MAX_BATCH}")
+        if self.batch_wait is not None and not (_is_number(self.batch_wait) and 0 <= self.batch_wait <= 60):
+            out.append("batch_wait must be a number of seconds from 0 to 60")
+        if self.batch_wait is not None and self.batch_size is None:
+            out.append("batch_wait needs batch_size")
+        if not isinstance(self.is_async, bool):
+            out.append("is_async must be true or false")
         return out
 
 
@@ -81,6 +99,7 @@ class ForkServerSpec:
     log_level: str
     max_tasks_per_child: int
     tracing: bool = False
+    environment: tuple[tuple[str, str], ...] = ()  # [workers] environment: added for task code
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,6 +107,23 @@ class Job:
     seq: int  # unique per dispatch, so a late or stray result can never match the wrong message
     task: str
     message: Message
+    timeout: float = 0.0  # an async task is cancelled by its worker after this (0: never)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchJob:
+    """One call of a batch task with several messages; the worker sends one result per member."""
+
+    task: str
+    jobs: tuple[Job, ...]
+    timeout: float = 0.0
+
+    @property
+    def seq(self) -> int:
+        return self.jobs[0].seq
+
+
+Unit = Job | BatchJob  # one call of a task; a frame to a worker carries a tuple of them
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

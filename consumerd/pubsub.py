@@ -161,7 +161,7 @@ class PubSub:
     def _channel(self, transport: Any) -> grpc.Channel:
         if self.settings.emulator_host:
             return grpc.insecure_channel(self.settings.emulator_host, options=CHANNEL_OPTIONS)
-        return transport.create_channel(credentials=self._credentials(), options=CHANNEL_OPTIONS)
+        return transport.create_channel(host=self.settings.endpoint, credentials=self._credentials(), options=CHANNEL_OPTIONS)
 
     def _credentials(self) -> object | None:
         path = self.settings.credentials_path()

@@ -7,13 +7,15 @@ import importlib
 import importlib.metadata
 import inspect
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from .errors import RegistryError
-from .message import Message
 from .protocol import TaskOptions
 
-TaskFunc = Callable[[Message], object]
+# One message in (a batch task: list[Message]); sync, or an `async def` returning a coroutine.
+TaskFunc = Callable[[Any], object]
 ENTRY_POINT_GROUP = "consumerd.tasks"
+DEFAULT_BATCH_WAIT = 1.0  # seconds a batch waits to fill when @task sets batch_size only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +42,15 @@ class Registry:
             raise RegistryError(f"task {name!r} is registered twice: {existing.origin} and {_origin(func)}")
         if problems := options.problems():
             raise RegistryError(f"@task({name!r}) at {_origin(func)}: {'; '.join(problems)}")
+        options = dataclasses.replace(options, is_async=inspect.iscoroutinefunction(func))  # from the code, never declared
         self._tasks[name] = TaskSpec(name, func, _origin(func), options)
 
     def get(self, name: str) -> TaskSpec | None:
         return self._tasks.get(name)
+
+    def is_async(self, name: str) -> bool:
+        spec = self._tasks.get(name)
+        return spec is not None and spec.options.is_async
 
     def __contains__(self, name: object) -> bool:
         return name in self._tasks
@@ -69,6 +76,8 @@ def task(
     min_backoff: float | None = None,
     max_backoff: float | None = None,
     max_attempts: int | None = None,
+    batch_size: int | None = None,
+    batch_wait: float | None = None,
 ) -> Callable[[TaskFunc], TaskFunc]:
     """Register ``func`` as the task for messages whose route attribute is ``name``.
 
@@ -76,13 +85,17 @@ def task(
     override their global settings for this task only: ``timeout`` (workers.task_timeout),
     ``concurrency`` (at most this many of it at once on this host), ``min_backoff``/``max_backoff``
     (retry.*), ``max_attempts`` (dead_letter.max_attempts).
+
+    An ``async def`` task runs on its worker's event loop, up to ``workers.async_concurrency`` at once
+    per worker. With ``batch_size`` the task gets ``list[Message]``, up to that many, after waiting at
+    most ``batch_wait`` seconds (default 1.0) to fill the batch; see `consumerd.BatchResult`.
     """
-    options = TaskOptions(timeout, concurrency, min_backoff, max_backoff, max_attempts)
 
     def decorate(func: TaskFunc) -> TaskFunc:
         if not callable(func):
             raise RegistryError(f"@task({name!r}) must decorate a function, got {func!r}")
-        REGISTRY.register(name, func, options)
+        wait = batch_wait if batch_wait is not None or batch_size is None else DEFAULT_BATCH_WAIT
+        REGISTRY.register(name, func, TaskOptions(timeout, concurrency, min_backoff, max_backoff, max_attempts, batch_size, wait))
         return func
 
     return decorate

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .backlog import InFlight
@@ -50,21 +50,24 @@ class SafetyNet:
         self.budget = budget or ErrorBudget()
 
     @contextlib.contextmanager
-    def guard(self, during: str, inflight: InFlight | None = None) -> Iterator[None]:
+    def guard(self, during: str, held: InFlight | Sequence[InFlight] | None = None) -> Iterator[None]:
+        """Run the block; if it raises, log it and give back ``held`` (the message or messages it
+        was handling) with their retry delay."""
         try:
             yield
         except Exception as exc:  # noqa: BLE001 - logged with its traceback; the budget ends real bugs
-            self.caught(during, exc, inflight)
+            self.caught(during, exc, held)
 
-    def caught(self, during: str, exc: Exception, inflight: InFlight | None) -> None:
+    def caught(self, during: str, exc: Exception, held: InFlight | Sequence[InFlight] | None) -> None:
         now = self.clock()
         self.counters.internal_errors += 1
-        message_id = inflight.message.message_id if inflight else None
+        messages = [held] if isinstance(held, InFlight) else list(held or ())
+        message_id = messages[0].message.message_id if messages else None
         self.log.error("daemon.error", during=during, message_id=message_id, error=f"{type(exc).__name__}: {exc}"[:500], exc_info=exc)
-        if inflight is not None:
+        for inflight in messages:
             try:
                 self.settler.abandon(inflight, now)
             except Exception as again:  # noqa: BLE001 - its lease runs out: Pub/Sub redelivers it
-                self.log.error("daemon.error", during="abandon", message_id=message_id, error=repr(again)[:500])
+                self.log.error("daemon.error", during="abandon", message_id=inflight.message.message_id, error=repr(again)[:500])
         if self.budget.spend(now):
             self.on_exhausted(f"{self.budget.limit + 1} internal errors within {self.budget.window:g}s (last: {type(exc).__name__})")

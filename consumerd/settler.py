@@ -194,8 +194,9 @@ class Settler:
         self.settle(inflight, result.outcome, now, result.duration, result.error, result.retry_after)
 
     def worker_exited(self, event: WorkerExited, now: float) -> None:
-        """A worker died or retired; the message it ran, if any, did not succeed."""
-        crashed = event.inflight is not None or event.exit_code != 0
+        """A worker died or retired; the messages it ran did not succeed. (Those queued behind them
+        never started: the caller puts them back in line, `Intake.requeue`.)"""
+        crashed = bool(event.lost) or event.exit_code != 0
         (self.log.warning if crashed else self.log.debug)(
             "worker.exited",
             worker_pid=event.worker.pid,
@@ -203,12 +204,15 @@ class Settler:
             kill_reason=event.kill_reason.value if event.kill_reason else None,
             exit_code=event.exit_code,
             tasks_done=event.worker.tasks_done,
+            lost=len(event.lost),
+            requeued=len(event.unstarted),
         )
         self.metrics.worker_exited(event.cause)
-        if event.inflight is not None:
-            self.metrics.ran(event.inflight.task, event.ran_for)
-            self.backlog.finished(event.inflight)
-            self.settle(event.inflight, event.outcome, now, event.ran_for, event.reason)
+        for lost in event.lost:
+            self.metrics.ran(lost.inflight.task, lost.ran_for)
+            self.backlog.finished(lost.inflight)
+            error = event.reason if lost.outcome is not Outcome.INTERRUPTED else f"its worker was stopped: {event.reason}"
+            self.settle(lost.inflight, lost.outcome, now, lost.ran_for, error)
 
     def retry_later(self, inflight: InFlight, delay: int, now: float) -> None:
         """Set the lease to ``delay``: Pub/Sub hands the message out again once it ends. With

@@ -215,6 +215,7 @@ class Supervisor:
         candidates = [
             self.settler.leases.next_due(),
             self.pool.next_deadline(),
+            self.intake.batch_due,
             self.notifier.watchdog_due(now),
             self.drain_deadline,
             self.stop_deadline,
@@ -247,7 +248,8 @@ class Supervisor:
                 with self.safety.guard("worker.result", event.inflight):
                     self.on_result(event, now)
             elif isinstance(event, WorkerExited):
-                with self.safety.guard("worker.exited", event.inflight):
+                with self.safety.guard("worker.exited", event.held):
+                    self.intake.requeue(event.unstarted, self.state is State.RUNNING)
                     self.settler.worker_exited(event, now)
                     if event.start_hook_failed:
                         self.fail("a worker's on_worker_start hook failed (worker.start_hook_failed)", ExitCode.CONFIG)
@@ -329,7 +331,7 @@ class Supervisor:
         if self.state is not State.RUNNING or self.paused:
             return
         self.pool.spawn_missing()
-        n = self.intake.next_pull(self.concurrency, self.pool.busy_count())
+        n = self.intake.next_pull(self.concurrency, self.pool.busy_count(), now)
         if n:
             self.io.puller.request(n)
 
@@ -379,7 +381,7 @@ class Supervisor:
         with self.safety.guard("shutdown"):
             for inflight in self.pool.running():
                 self.settler.settle(inflight, Outcome.SHUTDOWN, now, error="daemon stopped before the task ended")
-            for inflight in [*self.backlog.take_all(), *self.settler.forwarding.values()]:
+            for inflight in [*self.pool.queued(), *self.backlog.take_all(), *self.settler.forwarding.values()]:
                 self.settler.give_back(inflight)
             self.settler.forwarding.clear()
         self.resources.close()

@@ -1,13 +1,18 @@
-"""Child side of a worker: run one task per job received, report the result, exit when told.
+"""Child side of a worker: run the jobs received, report one result per message, exit when told.
 
 A worker is forked by the fork server (which never imports grpc), runs in its own process group so
 a task's own children die with it, and never talks to Pub/Sub: only the supervisor acks. This is
 the boundary between task code and consumerd: whatever a task raises or returns is turned into a
 `Result` of fixed shape here (an invalid `Retry` delay becomes an ordinary failure).
+
+A frame may carry several jobs (the supervisor queues the next one before this one ends, so the
+worker never waits for it); sync jobs run one after the other, results sent as each ends. `async def`
+tasks run together on an event loop (`asyncrun`), each cancelled at its own timeout.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import signal
@@ -15,12 +20,13 @@ import socket
 import time
 from typing import Any
 
+from .asyncrun import AsyncRunner, raise_cancelled, send_all, valid_units
+from .batch import batch_results, describe, fate_of
 from .channel import encode_result, job_reader, recv_frame
-from .delivery import valid_retry_after
-from .errors import ExitCode, Reject, Retry, TaskCancelled
+from .errors import ExitCode, TaskCancelled
 from .logsetup import get_logger
 from .proctitle import set_title, worker_title
-from .protocol import MAX_ERROR_CHARS, Job, Outcome, Result
+from .protocol import BatchJob, Job, Outcome, Result, Unit
 from .registry import Registry
 from .tracing import task_span
 
@@ -30,16 +36,10 @@ def reset_process_state() -> None:
     signal.set_wakeup_fd(-1)
     for signum in (signal.SIGHUP, signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(signum, signal.SIG_DFL)
-    # The first stage of a kill (timeout, drain): raise inside the task so its `finally:` blocks
-    # run; the supervisor sends SIGKILL after the kill grace if the task ignores it.
-    signal.signal(signal.SIGTERM, _cancel)
+    signal.signal(signal.SIGTERM, raise_cancelled)
     # Ctrl-C on a terminal is the supervisor's to handle: it drains and stops workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     random.seed()
-
-
-def _cancel(_signum: int, _frame: object) -> None:
-    raise TaskCancelled("the daemon ended this task (task timeout, or stopping)")
 
 
 def serve(sock: socket.socket, registry: Registry, max_tasks: int, worker_id: int = 0) -> ExitCode:
@@ -65,21 +65,36 @@ def run_hooks(hooks: list[Any], when: str, log: Any) -> bool:
 
 def serve_jobs(sock: socket.socket, registry: Registry, max_tasks: int, worker_id: int, log: Any) -> ExitCode:
     reader = job_reader()
+    pending: collections.deque[Unit] = collections.deque()
+    runner = AsyncRunner(sock, reader, registry, log, worker_id)
     done = 0
     while max_tasks == 0 or done < max_tasks:
-        job = recv_frame(sock, reader)
-        if job is None:
-            return ExitCode.OK
-        if not isinstance(job, Job):
-            log.error("worker.bad_job", received=type(job).__name__)
-            return ExitCode.PROTOCOL
-        set_title(worker_title(worker_id, job.task, job.message.message_id))
-        result = run_job(job, registry, log)
-        sweep_children(log, job)  # before the result: the supervisor may close us right after it
-        sock.sendall(encode_result(result))
-        set_title(worker_title(worker_id))
+        if not pending:
+            units = recv_frame(sock, reader)
+            if units is None:
+                return ExitCode.OK
+            if not valid_units(units):
+                log.error("worker.bad_job", received=type(units).__name__)
+                return ExitCode.PROTOCOL
+            pending.extend(units)
+        if registry.is_async(pending[0].task):
+            done += runner.run(pending)  # runs the leading async jobs and those that arrive meanwhile
+            if runner.closed and not pending:
+                return ExitCode.OK
+            continue
+        unit = pending.popleft()
+        run_sync(unit, sock, registry, log, worker_id)
         done += 1
     return ExitCode.OK
+
+
+def run_sync(unit: Unit, sock: socket.socket, registry: Registry, log: Any, worker_id: int) -> None:
+    first = unit.jobs[0] if isinstance(unit, BatchJob) else unit
+    set_title(worker_title(worker_id, unit.task, first.message.message_id))
+    results = run_batch(unit, registry, log) if isinstance(unit, BatchJob) else [run_job(unit, registry, log)]
+    sweep_children(log, first)  # before the result: the supervisor may close us right after it
+    send_all(sock, b"".join(encode_result(r) for r in results))
+    set_title(worker_title(worker_id))
 
 
 def sweep_children(log: Any, job: Job) -> None:
@@ -123,14 +138,17 @@ def run_job(job: Job, registry: Registry, log: Any) -> Result:
     try:
         with task_span(job.message, job.task):
             spec.func(job.message)
-    except Retry as exc:
-        return retry_result(job, exc, time.monotonic() - started, log)
-    except Reject as exc:
-        return Result(job.seq, Outcome.REJECT, time.monotonic() - started, describe(exc))
     except TaskCancelled:
         raise  # the supervisor ended it: no result; its kill reason says what happened
-    except BaseException as exc:
-        duration = time.monotonic() - started
+    except BaseException as exc:  # noqa: BLE001 - whatever a task raises fails its message only (logged in `failed`)
+        return failed(job, exc, time.monotonic() - started, log)
+    return Result(job.seq, Outcome.SUCCESS, time.monotonic() - started)
+
+
+def failed(job: Job, exc: BaseException, duration: float, log: Any) -> Result:
+    """The result of a task that raised ``exc`` (Retry, Reject, or any failure)."""
+    fate = fate_of(exc)
+    if fate.outcome is Outcome.ERROR:
         log.warning(
             "task.raised",
             message_id=job.message.message_id,
@@ -138,26 +156,20 @@ def run_job(job: Job, registry: Registry, log: Any) -> Result:
             duration_ms=round(duration * 1000, 3),
             exc_info=exc,
         )
-        return Result(job.seq, Outcome.ERROR, duration, describe(exc))
-    return Result(job.seq, Outcome.SUCCESS, time.monotonic() - started)
+    return Result(job.seq, fate.outcome, duration, fate.error, fate.retry_after)
 
 
-def retry_result(job: Job, exc: Retry, duration: float, log: Any) -> Result:
-    """`Retry(after=...)` with a delay that is not a finite number >= 0 is an ordinary failure."""
-    after = getattr(exc, "after", None)
-    if valid_retry_after(after):
-        return Result(job.seq, Outcome.RETRY, duration, describe(exc, with_type=False), retry_after=float(after))  # type: ignore[arg-type]
-    error = f"Retry(after={after!r}): the delay must be a finite number >= 0"[:MAX_ERROR_CHARS]
-    log.warning("task.bad_retry", message_id=job.message.message_id, task=job.task, error=error)
-    return Result(job.seq, Outcome.ERROR, duration, error)
-
-
-def describe(exc: BaseException, *, with_type: bool = True) -> str:
-    """``Type: text`` cut to MAX_ERROR_CHARS; never fails, whatever the exception's __str__ does."""
+def run_batch(batch: BatchJob, registry: Registry, log: Any) -> list[Result]:
+    """One call with every message of the batch; one result per message."""
+    spec = registry.get(batch.task)
+    if spec is None:
+        return [Result(j.seq, Outcome.UNKNOWN_TASK, 0.0, f"unknown task {batch.task!r}") for j in batch.jobs]
+    started = time.monotonic()
     try:
-        text = str(exc)
-    except Exception:  # noqa: BLE001 - a task's exception may break even its own __str__
-        text = "<unprintable>"
-    if with_type:
-        text = f"{type(exc).__name__}: {text}"
-    return text[:MAX_ERROR_CHARS]
+        with task_span(batch.jobs[0].message, batch.task):
+            returned = spec.func([j.message for j in batch.jobs])
+    except TaskCancelled:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the same, for every message of the batch
+        return [failed(j, exc, time.monotonic() - started, log) for j in batch.jobs]
+    return batch_results(batch, returned, time.monotonic() - started, log)

@@ -4,7 +4,8 @@
 #   sudo deploy/install.sh [--wheel PATH] [--key PATH] [--prefix /opt/consumerd] [--no-reload]
 #   (PYTHON=/path/to/python3.11+ to choose the interpreter; default /usr/bin/python3)
 #
-# - a venv under PREFIX with consumerd from this checkout (or --wheel PATH)
+# - a venv under PREFIX with consumerd from this checkout (or --wheel PATH), its dependencies at the
+#   versions of deploy/requirements.lock (hashes checked)
 # - the unit files into /etc/systemd/system (consumerd.service and the consumerd@.service template)
 # - /etc/consumerd.toml from config/consumerd.toml, only if there is none (never overwritten)
 # - with --key PATH: the service-account key to /etc/consumerd/gcp-key.json (root-only, 0600) and a
@@ -52,8 +53,21 @@ if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
 fi
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "install.sh: consumerd needs Python >= 3.11 ($PYTHON)" >&2; exit 69; }
 [ -x "$PREFIX/bin/python" ] || "$PYTHON" -m venv "$PREFIX"
-"$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "${WHEEL:-$SRC}"
+if [ -z "$WHEEL" ]; then
+  # Build from a copy: the checkout may be read-only, and a build writes into its source tree.
+  BUILD=$(mktemp -d)
+  trap 'rm -rf "$BUILD"' EXIT
+  tar -C "$SRC" --exclude=.git --exclude=.venv --exclude='*.egg-info' --exclude=build --exclude=dist -cf - . | tar -C "$BUILD" -xf -
+fi
+# The versions the project was tested with, every download checked against its hash; then
+# consumerd itself, without resolving anything again.
+"$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes -r "$SRC/deploy/requirements.lock"
+"$PREFIX/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --upgrade "${WHEEL:-$BUILD}"
 "$PREFIX/bin/consumerd" --version
+install -d -m 0755 "$PREFIX/share/doc/consumerd"
+install -m 0644 "$SRC/README.md" "$PREFIX/share/doc/consumerd/README.md"  # the units' Documentation=
+# On PATH for operators (`consumerd status`, `consumerd check-config`); uninstall.sh removes it.
+ln -sfn "$PREFIX/bin/consumerd" /usr/local/bin/consumerd
 
 step "unit files in $UNIT_DIR"
 install -m 0644 "$SRC/systemd/consumerd.service" "$UNIT_DIR/consumerd.service"

@@ -41,6 +41,9 @@ fi
 rm -f "$UNIT_DIR/consumerd.service" "$UNIT_DIR/consumerd@.service"
 rm -rf "$UNIT_DIR/consumerd.service.d" "$UNIT_DIR/consumerd@.service.d"
 rm -f /etc/consumerd/gcp-key.json
+if [ "$(readlink /usr/local/bin/consumerd 2>/dev/null)" = "$PREFIX/bin/consumerd" ]; then
+  rm -f /usr/local/bin/consumerd
+fi
 [ -e "$PREFIX" ] && rm -rf -- "$PREFIX"
 [ -d /run/systemd/system ] && systemctl daemon-reload
 echo "consumerd removed; configuration kept in /etc/consumerd.toml and /etc/consumerd/"

@@ -44,6 +44,7 @@ def test_make_run_shows_every_shape_dead_letters_the_failing_demo_and_prints_a_p
     text = "".join(seen) + rest
     assert proc.returncode == 0, text[-3000:]
     assert "consumerd publish --topic demo-jobs --attr task=echo" in text and "PUBSUB_EMULATOR_HOST=127.0.0.1:" in text
-    for task in ("echo", "hash", "sleep", "resize"):
-        assert f'"task": "{task}"' in text and '"message.done"' in text
+    done = [line for line in text.splitlines() if '"message.done"' in line]
+    for task in ("echo", "hash", "sleep", "resize", "fetch", "rows"):  # sync, async, batch, per-task options
+        assert any(f'"task": "{task}"' in line for line in done), task
     assert text.count('"task": "fail", "attempt"') >= 3  # retried with backoff, then dead-lettered

@@ -211,3 +211,14 @@ def test_a_frozen_supervisor_drops_lapsed_messages_instead_of_running_them(broke
         assert starts.count(event["message_id"]) == 1, f"{event['message_id']} ran again after its lease lapsed"
     [stopped] = first.select("daemon.stopped")
     assert stopped["lease_lapsed"] == len(lapsed) and 1 <= counted <= len(lapsed)
+
+
+def test_task_code_sees_none_of_the_daemons_secrets_or_channels(broker, topic_sub, make_daemon, ledger):
+    topic, sub = topic_sub()
+    [mid] = broker.publish(topic, task="snoop")
+    secrets = {"CREDENTIALS_DIRECTORY": "/run/credentials/consumerd.service", "GOOGLE_APPLICATION_CREDENTIALS": "/etc/consumerd/key.json"}
+    daemon = make_daemon(sub, env=secrets)
+    daemon.wait_for("message.done", message_id=mid)
+    seen = {event for event, *_ in ledger.lines() if event.startswith("env:")}
+    for name in ("CREDENTIALS_DIRECTORY", "GOOGLE_APPLICATION_CREDENTIALS", "CONSUMERD_METRICS__LISTEN"):
+        assert f"env:{name}:absent" in seen  # the daemon had each of them

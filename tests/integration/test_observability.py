@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import consumerd
 from consumerd.emulator import Emulator
 from harness.daemon import REPO
 
@@ -85,7 +86,7 @@ def test_metrics_count_a_known_workload(broker, topic_sub, make_daemon, ledger, 
     assert value(found, "consumerd_task_duration_seconds_count", task="raise_once") == 10
     assert value(found, "consumerd_task_duration_seconds_count", task="exit_once") == 4  # crashes count their run time too
     assert value(found, "consumerd_delivery_attempt_count") == 20 + 10 + 4 + 1 + 2
-    assert value(found, "consumerd_build_info", version="0.1.0") == 1
+    assert value(found, "consumerd_build_info", version=consumerd.__version__) == 1
     assert value(found, "consumerd_rpc_total", rpc="pull") >= 1 and value(found, "consumerd_rpc_total", rpc="ack") >= 1
     assert value(found, "consumerd_state", state="running") == 1 and value(found, "consumerd_state", state="draining") == 0
     assert value(found, "process_resident_memory_bytes") > 10_000_000

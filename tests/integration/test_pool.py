@@ -11,6 +11,7 @@ import time
 import pytest
 
 from consumerd.backlog import InFlight
+from consumerd.handles import Mode
 from consumerd.message import Message
 from consumerd.pool import KillReason, Pool, WorkerExited, WorkerResult, WorkerStarted
 from consumerd.protocol import ForkServerSpec, Outcome
@@ -43,7 +44,8 @@ def pool(tmp_path, monkeypatch):
 
 def job(pool: Pool, worker, task: str, msg: Message, timeout: float = 60.0) -> InFlight:
     inflight = InFlight(f"ack-{msg.message_id}", msg, task, 1, time.monotonic())
-    pool.assign(worker, inflight, timeout, time.monotonic())
+    pool.assign(worker, [inflight], Mode.SYNC, timeout, time.monotonic())
+    pool.flush(time.monotonic())
     return inflight
 
 
@@ -96,7 +98,10 @@ def test_a_crashing_worker_reports_its_exit_status_and_job(pool):
     inflight = job(p, worker, "exit_once", message("m2"))
     [exited] = [e for e in pump(p, of_type(WorkerExited)) if isinstance(e, WorkerExited)]
     assert (
-        exited.inflight is inflight and exited.outcome is Outcome.CRASH and exited.reason == "exited with code 1" and exited.exit_code == 1
+        exited.lost[0].inflight is inflight
+        and exited.lost[0].outcome is Outcome.CRASH
+        and exited.reason == "exited with code 1"
+        and exited.exit_code == 1
     )
     assert p.spawn_missing() == 1  # the pool asks for a replacement
 
@@ -112,7 +117,7 @@ def test_kill_is_two_stage_and_names_the_reason(pool):
     assert p.overdue(time.monotonic()) == []  # being killed: not overdue twice
     [exited] = [e for e in pump(p, of_type(WorkerExited)) if isinstance(e, WorkerExited)]
     assert exited.reason == "timeout after 0.2s" and exited.exit_code == 143  # TaskCancelled raised in the task by the SIGTERM
-    assert exited.kill_reason is KillReason.TIMEOUT and exited.outcome is Outcome.TIMEOUT
+    assert exited.kill_reason is KillReason.TIMEOUT and exited.lost[0].outcome is Outcome.TIMEOUT
 
 
 def test_max_tasks_per_child_1_forks_a_fresh_worker_per_job(pool):
@@ -123,7 +128,8 @@ def test_max_tasks_per_child_1_forks_a_fresh_worker_per_job(pool):
         [worker] = p.idle_workers()
         pids.append(worker.pid)
         job(p, worker, "ok", message(f"m{i}"))
-        assert not worker.idle and not worker.live or worker.job is not None
+        assert worker.busy and worker.room(Mode.SYNC, 2) == 0  # one task per child: nothing queued behind it
+        assert p.spawn_missing() == 0  # its replacement is forked once it is done, not while it runs
         pump(p, of_type(WorkerResult))
         assert worker.exhausted and not worker.idle
         p.spawn_missing()
@@ -140,3 +146,53 @@ def test_stopping_the_pool_kills_workers_mid_task(pool):
     while alive(worker.pid):
         assert time.monotonic() < deadline, "worker outlived the fork server"
         time.sleep(0.05)
+
+
+def test_a_worker_runs_queued_jobs_in_order_and_one_frame_carries_them_all(pool):
+    p = pool(size=1)
+    pump(p, started(1))
+    [worker] = p.idle_workers()
+    now = time.monotonic()
+    units = [[InFlight(f"ack-q{i}", message(f"q{i}"), "ok", 1, now)] for i in range(4)]
+    for unit in units:
+        p.assign(worker, unit, Mode.SYNC, 60.0, now)
+    assert len(worker.outbox) == 4 and len(worker.started()) == 1  # the rest queue behind the first
+    p.flush(now)
+    results = [e for e in pump(p, lambda ev: sum(isinstance(e, WorkerResult) for e in ev) >= 4) if isinstance(e, WorkerResult)]
+    assert [r.inflight.message.message_id for r in results] == ["q0", "q1", "q2", "q3"]
+    assert worker.idle and worker.tasks_done == 4
+
+
+def test_a_worker_that_dies_gives_its_queued_jobs_back_untouched(pool):
+    p = pool(size=1)
+    pump(p, started(1))
+    [worker] = p.idle_workers()
+    now = time.monotonic()
+    crashing = InFlight("ack-c", message("c"), "always_crash", 1, now)
+    queued = InFlight("ack-w", message("w"), "ok", 1, now)
+    p.assign(worker, [crashing], Mode.SYNC, 60.0, now)
+    p.assign(worker, [queued], Mode.SYNC, 60.0, now)
+    p.flush(now)
+    [exited] = [e for e in pump(p, of_type(WorkerExited)) if isinstance(e, WorkerExited)]
+    assert [(lost.inflight, lost.outcome) for lost in exited.lost] == [(crashing, Outcome.CRASH)]
+    assert exited.unstarted == [queued]  # never started: not failed, no attempt used
+
+
+def test_coroutines_run_together_on_one_worker(pool, tmp_path):
+    p = pool(size=1)
+    pump(p, started(1))
+    [worker] = p.idle_workers()
+    now = time.monotonic()
+    for i in range(20):
+        msg = Message(f"a{i}", b"", {"seconds": "1"}, datetime.datetime.now(datetime.UTC), None, "", "projects/p/subscriptions/s")
+        p.assign(worker, [InFlight(f"ack-a{i}", msg, "aio_sleep", 1, now)], Mode.ASYNC, 60.0, now)
+    assert len(worker.started()) == 20 and worker.room(Mode.SYNC, 2) == 0 and worker.room(Mode.ASYNC, 25) == 5
+    p.flush(now)
+    results = [e for e in pump(p, lambda ev: sum(isinstance(e, WorkerResult) for e in ev) >= 20) if isinstance(e, WorkerResult)]
+    assert {r.result.outcome for r in results} == {Outcome.SUCCESS}
+    running = peak = 0  # from the tasks' own ledger: all 20 had started before the first ended
+    for line in (tmp_path / "ledger.txt").read_text().splitlines():
+        running += {"start": 1, "done": -1}[line.split()[0]]
+        peak = max(peak, running)
+    assert peak == 20
+    assert worker.mode is None and worker.idle

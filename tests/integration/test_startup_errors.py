@@ -91,7 +91,7 @@ def test_tasks_lists_names_and_origins(tmp_path, emulator):
     result = run_consumerd(tmp_path, emulator.host, {"pubsub": {"subscription": "jobs"}, "tasks": {"modules": ["consumerd.demo"]}}, "tasks")
     assert result.returncode == 0, result.stderr
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names == ["echo", "fail", "hash", "noop", "resize", "sleep"]
+    assert names == ["echo", "fail", "fetch", "hash", "noop", "resize", "rows", "sleep"]
     assert "consumerd.demo.echo" in result.stdout
 
 

@@ -321,3 +321,130 @@ def fast_retry_once(msg: Message) -> None:
 def crash_twice_max(msg: Message) -> None:
     record("start", msg)
     os._exit(4)
+
+
+# -- issue 11: async and batch task shapes -------------------------------------------------------
+
+
+@task("aio_sleep")
+async def aio_sleep(msg: Message) -> None:
+    """An I/O-bound task: many of these run at once on one worker's event loop."""
+    import asyncio
+
+    record("start", msg)
+    await asyncio.sleep(float(msg.attributes.get("seconds", "0.5")))
+    record("done", msg)
+
+
+@task("aio_sleep_once")
+async def aio_sleep_once(msg: Message) -> None:
+    """Sleeps long on its first run only (a sibling caught in a worker's kill), then is quick."""
+    import asyncio
+
+    if _first_run(msg):
+        await asyncio.sleep(30)
+    record("done", msg)
+
+
+@task("aio_raise_once")
+async def aio_raise_once(msg: Message) -> None:
+    if _first_run(msg):
+        raise ValueError("async failure, first run only")
+    record("done", msg)
+
+
+@task("aio_hang_once", timeout=1)
+async def aio_hang_once(msg: Message) -> None:
+    """Hangs past its 1 s timeout on the first run; notes the cancellation and lets it through."""
+    import asyncio
+
+    if _first_run(msg):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            record("cancelled", msg)
+            raise
+    record("done", msg)
+
+
+@task("aio_stubborn_once", timeout=1)
+async def aio_stubborn_once(msg: Message) -> None:
+    """Ignores every cancellation on its first run: its worker has to be killed."""
+    import asyncio
+
+    if _first_run(msg):
+        while True:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                record("ignored", msg)
+    record("done", msg)
+
+
+@task("rows", batch_size=5, batch_wait=0.5)
+def rows(msgs: list[Message]) -> object:
+    """A batch task: `fail=retry` retries that message once, `fail=reject` rejects it."""
+    from consumerd import BatchResult
+
+    result = BatchResult()
+    for msg in msgs:
+        record(f"batch={len(msgs)}", msg)
+        kind = msg.attributes.get("fail")
+        if kind == "retry" and _first_run(msg):
+            result.retry(msg, after=0, reason="partial failure, first run only")
+        elif kind == "reject":
+            record("start", msg)
+            result.reject(msg, "this one never will")
+        else:
+            if kind != "retry":
+                record("start", msg)
+            record("done", msg)
+    return result
+
+
+@task("aio_rows", batch_size=10, batch_wait=0.3)
+async def aio_rows(msgs: list[Message]) -> None:
+    import asyncio
+
+    await asyncio.sleep(0.05)
+    for msg in msgs:
+        record(f"batch={len(msgs)}", msg)
+        record("done", msg)
+
+
+@task("rows_raise", batch_size=3, batch_wait=0.2)
+def rows_raise(msgs: list[Message]) -> None:
+    """Raising fails the whole batch (the first time its first message runs)."""
+    first = runs_so_far(msgs[0]) == 0
+    for msg in msgs:
+        record("start", msg)
+    if first:
+        raise RuntimeError("the whole batch fails")
+    for msg in msgs:
+        record("done", msg)
+
+
+@task("slow_exit_once")
+def slow_exit_once(msg: Message) -> None:
+    """Runs a moment (jobs queue up behind it), then its worker dies, on the first run only."""
+    if _first_run(msg):
+        time.sleep(0.5)
+        os._exit(3)
+    record("done", msg)
+
+
+@task("snoop")
+def snoop(msg: Message) -> None:
+    """What task code can reach of the daemon: its variables, and the supervisor's environ and mem."""
+    for name in ("CREDENTIALS_DIRECTORY", "GOOGLE_APPLICATION_CREDENTIALS", "NOTIFY_SOCKET", "WATCHDOG_USEC", "CONSUMERD_METRICS__LISTEN"):
+        record(f"env:{name}:{'seen' if name in os.environ else 'absent'}", msg)
+    with open(f"/proc/{os.getppid()}/stat") as stat:  # the fork server's parent: the supervisor
+        supervisor = int(stat.read().rsplit(")", 1)[1].split()[1])
+    for what in ("environ", "mem"):
+        try:
+            with open(f"/proc/{supervisor}/{what}", "rb") as handle:
+                handle.read(1) if what == "environ" else None
+            record(f"opened:{what}", msg)
+        except OSError as exc:
+            record(f"denied:{what}:{type(exc).__name__}", msg)
+    record("done", msg)

@@ -101,14 +101,13 @@ class Guest:
 
 
 @pytest.fixture(scope="module")
-def guest(emulator) -> Iterator[Guest]:
+def bare_guest(emulator) -> Iterator[Guest]:
+    """A booted guest with nothing of consumerd installed, and the environment its unit reads."""
     reason = _cannot_boot()
     if reason:
         pytest.skip(reason)
     g = Guest(f"consumerd-test-{os.getpid()}").boot()
     try:
-        # Install exactly as an operator would (from a copy: pip writes build files next to the source).
-        g.sh("rm -rf /tmp/src && cp -a /opt/src /tmp/src && rm -rf /tmp/src/.venv && bash /tmp/src/deploy/install.sh", timeout=600)
         g.write(
             "/etc/default/consumerd",
             f"PUBSUB_EMULATOR_HOST={emulator.host}\nGOOGLE_CLOUD_PROJECT={PROJECT}\nPYTHONPATH=/opt/src\nTEST_LEDGER_DIR={STATE_DIR}\n",
@@ -118,8 +117,15 @@ def guest(emulator) -> Iterator[Guest]:
         g.teardown()
 
 
+@pytest.fixture(scope="module")
+def guest(bare_guest) -> Guest:
+    # Install exactly as an operator would, from the read-only checkout itself.
+    bare_guest.sh("bash /opt/src/deploy/install.sh", timeout=600)
+    return bare_guest
+
+
 @pytest.fixture
-def service(guest, topic_sub):
+def service(bare_guest, topic_sub):
     """A fresh subscription and config for the unit; the unit is stopped and reset afterwards."""
 
     def configure(ack_deadline: int = 10, **sections: dict) -> tuple[str, str]:
@@ -135,12 +141,12 @@ def service(guest, topic_sub):
             settings.setdefault(section, {}).update(values)
         from tests.support.pubsub import toml
 
-        guest.write("/etc/consumerd.toml", toml(settings))
-        guest.sh(f"rm -f {STATE_DIR}/ledger.txt; systemctl reset-failed consumerd 2>/dev/null; true", check=False)
+        bare_guest.write("/etc/consumerd.toml", toml(settings))
+        bare_guest.sh(f"rm -f {STATE_DIR}/ledger.txt; systemctl reset-failed consumerd 2>/dev/null; true", check=False)
         return topic, sub
 
     yield configure
-    guest.sh(
+    bare_guest.sh(
         "systemctl stop consumerd; systemctl reset-failed consumerd; rm -rf /etc/systemd/system/consumerd.service.d; systemctl daemon-reload",
         check=False,
     )

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import consumerd
 from harness.daemon import REPO
 
 pytestmark = pytest.mark.system
@@ -85,6 +86,18 @@ def test_journal_holds_native_fields(guest, service, broker):
     assert {e["MESSAGE_ID"] for e in entries} == {entry["MESSAGE_ID"]}, "one MESSAGE_ID per event type"
     errors = guest.journal("-p", "err")
     assert any(e.get("CONSUMERD_MESSAGE_ID") == bad and e.get("CONSUMERD_OUTCOME") == "unknown_task" for e in errors)
+
+
+def test_journald_takes_an_entry_larger_than_a_datagram_through_a_memfd(guest):
+    fields = "{'MESSAGE': 'memfd probe', 'SYSLOG_IDENTIFIER': 'consumerd-probe', **{f'PROBE_F{i}': str(i) * 60000 for i in range(6)}}"
+    code = f"from consumerd.journal import JournalSender; s = JournalSender(); assert s.send({fields}) and not s.dropped"
+    guest.sh(f'/opt/consumerd/bin/python -c "{code}"')
+    deadline = time.monotonic() + 20
+    while not (out := guest.sh("journalctl -t consumerd-probe -o json --all --no-pager", check=False).stdout.strip()):
+        assert time.monotonic() < deadline, "the 360 KB entry never reached the journal"
+        time.sleep(0.2)
+    entry = json.loads(out.splitlines()[-1])
+    assert entry["MESSAGE"] == "memfd probe" and entry["PROBE_F5"] == "5" * 60000 and entry["_TRANSPORT"] == "journal"
 
 
 def test_frozen_loop_is_killed_by_the_watchdog_and_nothing_is_lost(guest, service, broker):
@@ -181,16 +194,46 @@ def test_control_socket_answers_root_and_refuses_other_users(guest, service, bro
     metrics = guest.sh(
         "python3 -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode())\""
     )
-    assert 'consumerd_build_info{version="0.1.0"} 1.0' in metrics.stdout
+    assert f'consumerd_build_info{{version="{consumerd.__version__}"}} 1.0' in metrics.stdout
+
+
+def test_task_code_cannot_read_the_supervisors_memory_environment_or_credential_variables(guest, service, broker):
+    guest.sh("mkdir -p /etc/systemd/system/consumerd.service.d")
+    guest.write("/etc/consumerd/probe-credential", "not a real key\n")
+    guest.write("/etc/systemd/system/consumerd.service.d/probe.conf", "[Service]\nLoadCredential=probe:/etc/consumerd/probe-credential\n")
+    guest.sh("systemctl daemon-reload")
+    try:
+        topic, _ = service()
+        guest.sh("systemctl start consumerd")
+        [mid] = broker.publish(topic, task="snoop")
+        _wait_ids(guest, [mid])
+        events = {parts[0] for parts in guest.ledger()}
+        for name in ("CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET", "WATCHDOG_USEC"):  # the supervisor has all three
+            assert f"env:{name}:absent" in events, events
+        # Non-dumpable, its /proc entries are root's: ProtectProc=invisible then hides them altogether
+        # (FileNotFoundError); without ProtectProc they are refused (PermissionError). Never opened.
+        assert {e.rsplit(":", 1)[0] for e in events if e.startswith("denied:")} == {"denied:environ", "denied:mem"}, events
+        assert not [e for e in events if e.startswith("opened:")]
+    finally:
+        guest.sh("systemctl stop consumerd; rm -f /etc/systemd/system/consumerd.service.d/probe.conf; systemctl daemon-reload")
+
+
+def test_an_install_puts_consumerd_on_path_and_its_documentation_where_the_unit_says(guest):
+    assert guest.sh("command -v consumerd").stdout.strip() == "/usr/local/bin/consumerd"
+    assert guest.sh("consumerd --version").returncode == 0
+    docs = guest.sh("systemctl show -p Documentation --value consumerd.service").stdout.split()
+    assert docs == ["file:/opt/consumerd/share/doc/consumerd/README.md"]
+    assert guest.sh("test -s /opt/consumerd/share/doc/consumerd/README.md").returncode == 0
+    assert guest.sh("touch /opt/src/x", check=False).returncode != 0  # it was installed from a read-only checkout
 
 
 def test_the_scripts_refuse_what_could_hurt_the_host(guest):
     for args, code in (("--prefx /x", 64), ("--prefix /usr", 65), ("--prefix relative/path", 64), ("--prefix", 64)):
-        refused = guest.sh(f"bash /tmp/src/deploy/uninstall.sh {args}", check=False)
+        refused = guest.sh(f"bash /opt/src/deploy/uninstall.sh {args}", check=False)
         assert refused.returncode == code, (args, refused.stdout, refused.stderr)
     assert guest.sh("test -x /opt/consumerd/bin/consumerd && test -x /usr/bin/env").returncode == 0  # nothing removed
     for args in ("--prefix '/opt/x y'", "--prefix '/opt/a|b'", "--prefix /usr", "--prefix /opt/../etc", "--bogus"):
-        refused = guest.sh(f"bash /tmp/src/deploy/install.sh {args}", check=False)
+        refused = guest.sh(f"bash /opt/src/deploy/install.sh {args}", check=False)
         assert refused.returncode == 64, (args, refused.stdout, refused.stderr)
 
 
@@ -199,8 +242,9 @@ def test_uninstall_disables_every_instance_and_keeps_the_configuration(guest, se
     service()
     guest.sh("cp /etc/consumerd.toml /etc/consumerd/demo.toml && systemctl enable consumerd@demo.service")
     assert guest.sh("ls /etc/systemd/system/*.wants/consumerd@demo.service", check=False).returncode == 0
-    removed = guest.sh("bash /tmp/src/deploy/uninstall.sh")
+    removed = guest.sh("bash /opt/src/deploy/uninstall.sh")
     assert "consumerd removed" in removed.stdout
     assert guest.sh("test -e /opt/consumerd", check=False).returncode != 0
     assert guest.sh("ls /etc/systemd/system/*.wants/consumerd@demo.service", check=False).returncode != 0
     assert guest.sh("test -f /etc/consumerd.toml && test -f /etc/consumerd/demo.toml").returncode == 0
+    assert guest.sh("test -e /usr/local/bin/consumerd", check=False).returncode != 0  # its PATH link went too

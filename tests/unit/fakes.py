@@ -15,6 +15,7 @@ from typing import Any
 from consumerd.backlog import InFlight
 from consumerd.components import IoThreads
 from consumerd.config import load_settings
+from consumerd.handles import Lost, Slot, outcome_of
 from consumerd.message import Message
 from consumerd.pool import KillReason, RunningJob, WorkerExited, WorkerResult
 from consumerd.protocol import Outcome, Result, TaskOptions
@@ -72,6 +73,10 @@ class Worker:
         self.pid = pid
         self.inflight: InFlight | None = None
         self.tasks_done = 0
+        self.reserved = None
+        self.mode = None
+        self.live = True
+        self.slots: dict[int, InFlight] = {}
 
 
 class Pool:
@@ -113,9 +118,19 @@ class Pool:
     def jobs(self) -> list[Any]:
         return [RunningJob(w.pid, w.inflight, 0.0) for w in self.workers.values() if w.inflight is not None]
 
-    def assign(self, worker: Worker, inflight: InFlight, timeout: float, now: float) -> None:
-        worker.inflight = inflight
-        inflight.worker_pid = worker.pid
+    def room(self, worker: Worker, mode: Any, depth: int) -> int:
+        return 1 if worker.inflight is None else 0  # one message per worker: no pipeline here
+
+    def assign(self, worker: Worker, unit: list[InFlight], mode: Any, timeout: float, now: float, batch: bool = False) -> None:
+        assert len(unit) == 1, "the fake pool runs one message per worker"
+        worker.inflight = unit[0]
+        unit[0].worker_pid = worker.pid
+
+    def flush(self, now: float) -> None:
+        pass
+
+    def queued(self) -> list[InFlight]:
+        return []
 
     def worker_running(self, message_id: str) -> Worker:
         return next(w for w in self.workers.values() if w.inflight and w.inflight.message.message_id == message_id)
@@ -288,7 +303,10 @@ class Harness:
         worker = self.pool.worker_running(message_id)
         inflight, worker.inflight = worker.inflight, None
         del self.pool.workers[worker.pid]
-        self.sup.on_pool_events([WorkerExited(worker, inflight, 9, kill_reason, "killed by SIGKILL", 0.5)])  # type: ignore[arg-type]
+        assert inflight is not None
+        slot = Slot(1, inflight, 1, 60.0, started_at=0.0, timed_out=kill_reason is KillReason.TIMEOUT)
+        lost = [Lost(inflight, outcome_of(kill_reason, slot), 0.5)]
+        self.sup.on_pool_events([WorkerExited(worker, lost, [], 9, kill_reason, "killed by SIGKILL")])  # type: ignore[arg-type]
         self.sup.tick()
 
     def signal(self, signum: int = signal.SIGTERM) -> None:

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from consumerd.config import DEFAULT_CONFIG_PATH, config_path, load_settings
@@ -136,3 +137,25 @@ def test_credentials_resolve_against_systemd_credentials_directory(tmp_path, mon
     s = load_settings(write(tmp_path, '[pubsub]\ncredentials_file = "gcp-key.json"\n'))
     assert str(s.pubsub.credentials_path()) == "/run/credentials/consumerd.service/gcp-key.json"
     assert "contents not shown" in s.masked()["pubsub"]["credentials_file"]
+
+
+def test_the_endpoint_is_host_and_port_and_reaches_the_channel(tmp_path, monkeypatch):
+    from consumerd.config import PubSubSettings
+    from consumerd.pubsub import PubSub
+
+    monkeypatch.delenv("PUBSUB_EMULATOR_HOST", raising=False)
+    for bad in ("pubsub.googleapis.com", "https://pubsub.googleapis.com:443", "host:0", "a b:443"):
+        with pytest.raises(pydantic.ValidationError, match="HOST:PORT"):
+            PubSubSettings(endpoint=bad)
+    settings = PubSubSettings(project="p", endpoint="europe-west1-pubsub.googleapis.com:443")
+    seen = {}
+
+    class Transport:
+        @staticmethod
+        def create_channel(**kwargs):
+            seen.update(kwargs)
+            return "channel"
+
+    monkeypatch.setattr(PubSub, "_credentials", lambda self: "creds")
+    assert PubSub(settings)._channel(Transport) == "channel"
+    assert seen["host"] == "europe-west1-pubsub.googleapis.com:443" and seen["credentials"] == "creds"

@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 
-from consumerd.channel import encode_job, encode_result, frame, job_reader, result_reader
+from consumerd.channel import encode_result, encode_units, frame, job_reader, result_reader
 from consumerd.errors import PayloadError, Reject, WorkerProtocolError
 from consumerd.message import Message
 from consumerd.protocol import Job, Outcome, Result
@@ -46,11 +46,11 @@ def test_idempotency_key_prefers_the_configured_attribute():
 def test_frames_survive_arbitrary_splits():
     jobs = job_reader()
     results = result_reader()
-    job_bytes, result_bytes = encode_job(Job(1, "t", make())), encode_result(Result(1, Outcome.SUCCESS, 0.5))
+    job_bytes, result_bytes = encode_units([Job(1, "t", make())]), encode_result(Result(1, Outcome.SUCCESS, 0.5))
     for i in range(max(len(job_bytes), len(result_bytes))):  # one byte at a time: the worst a stream can do
         jobs.feed(job_bytes[i : i + 1])
         results.feed(result_bytes[i : i + 1])
-    [job], [result] = jobs.take(), results.take()
+    [(job,)], [result] = jobs.take(), results.take()
     assert job.task == "t" and job.message.message_id == "m1"
     assert result == Result(1, Outcome.SUCCESS, 0.5)
 

@@ -136,4 +136,4 @@ def test_the_supervisor_process_never_imports_task_or_worker_code():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
     loaded = set(eval(out))
     assert {"consumerd.supervisor", "consumerd.pool"} <= loaded
-    assert not loaded & {"consumerd.forkserver", "consumerd.worker", "consumerd.registry"}
+    assert not loaded & {"consumerd.forkserver", "consumerd.worker", "consumerd.registry", "consumerd.asyncrun", "consumerd.batch"}

@@ -7,9 +7,10 @@ import signal
 import pytest
 
 from consumerd.errors import ExitCode
+from consumerd.handles import Lost
 from consumerd.intake import MAX_FORWARDING
-from consumerd.pool import KillReason
-from consumerd.protocol import Outcome
+from consumerd.pool import KillReason, WorkerExited
+from consumerd.protocol import Outcome, TaskOptions
 from consumerd.supervisor import State
 from tests.unit.fakes import Harness, write_config
 
@@ -150,7 +151,9 @@ def test_empty_unknown_task_messages_with_a_stuck_dead_letter_publish_stay_bound
         offered += n
     forwarding = len(h.sup.settler.forwarding)
     assert offered < 2000 and forwarding == offered == len(h.components.forwarder.letters)
-    assert forwarding <= 2 + 100  # concurrency + the prefetch ceiling
+    # what two workers hold (a job running and 16 short ones queued behind it) + the prefetch ceiling
+    assert h.sup.intake.worker_capacity() == 17
+    assert forwarding <= 2 * 17 + 100
     for _ in range(100):
         h.clock.advance(1)
         h.sup.tick()
@@ -208,3 +211,28 @@ def test_a_long_poll_answered_after_a_short_stall_is_not_dropped(h):
     h.sup.tick()
     h.pull(h.message())
     assert h.log.events("lease.lapsed") == [] and [i.message.message_id for i in h.pool.running()] == ["m1"]
+
+
+def test_pulls_are_sized_for_batches_only_while_batch_messages_arrive(h):
+    h.sup.intake.set_tasks({"ok": TaskOptions(), "rows": TaskOptions(batch_size=50, batch_wait=1.0)})
+    assert h.sup.intake.worker_capacity(h.clock()) == 1  # a loaded batch task alone changes nothing
+    h.pull(h.message(task="rows"))
+    assert h.sup.intake.worker_capacity(h.clock()) == 100  # two batches per worker: one runs, one waits
+    h.clock.advance(11)
+    assert h.sup.intake.worker_capacity(h.clock()) == 1
+
+
+def test_jobs_queued_behind_a_crash_are_requeued_here_not_nacked(tmp_path):
+    h = Harness(write_config(tmp_path / "c.toml", "[workers]\nconcurrency = 2\n"), ordering=True)
+    h.pull(h.message(key="k1"), h.message(key="k2"))  # m1 (k1) and m2 (k2) start on the two workers
+    h.pull(h.message(key="k1"), h.message(key="k3"))  # m3 (k1) waits for its key; m4 (k3) waits for a worker
+    crashed = h.pool.worker_running("m1")
+    first = h.sup.backlog.next_ready(h.clock())  # as if m4 had been queued behind m1 on its worker
+    assert first is not None and first.message.message_id == "m4"
+    m1, crashed.inflight = crashed.inflight, None
+    del h.pool.workers[crashed.pid]
+    lost = [Lost(m1, Outcome.CRASH, 0.5)]  # type: ignore[arg-type]
+    h.sup.on_pool_events([WorkerExited(crashed, lost, [first], 9, None, "killed by SIGSEGV")])  # type: ignore[arg-type]
+    assert ("ack-m4", 0) not in h.acker.modacked  # m4 never started: requeued here, not nacked
+    assert [m.message.message_id for m in h.sup.backlog.waiting] == ["m4"]
+    assert any(a == "ack-m3" and s > 0 for a, s in h.acker.modacked)  # m3 (k1) went back with m1's retry

@@ -20,6 +20,10 @@ from consumerd.registry import Registry
         (TaskOptions(max_backoff=601), "max_backoff"),
         (TaskOptions(min_backoff=10, max_backoff=5), "must not exceed"),
         (TaskOptions(max_attempts=0), "max_attempts"),
+        (TaskOptions(batch_size=0), "batch_size"),
+        (TaskOptions(batch_size=1001), "batch_size"),
+        (TaskOptions(batch_size=10, batch_wait=-1), "batch_wait"),
+        (TaskOptions(batch_wait=1.0), "batch_wait needs batch_size"),
     ],
 )
 def test_bad_options_are_a_registry_error_naming_the_task(options, problem):

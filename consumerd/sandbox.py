@@ -1,0 +1,50 @@
+"""What task code can reach of the daemon: its environment and the supervisor's memory.
+
+Task code runs in workers forked from the fork server, as the same user as the supervisor (one
+systemd service). So the fork server is started with an environment that carries none of the
+daemon's secrets or channels: no credential locations, no notify socket or watchdog, no consumerd
+settings. Tasks that need Google credentials of their own get them through `[workers] environment`
+(or their own files). The supervisor makes itself non-dumpable, so a process of the same user can
+neither read its `/proc/<pid>/environ` and `mem` nor attach to it (the unit also denies ptrace and
+`process_vm_readv`/`writev` to the whole service, with `SystemCallFilter=~@debug`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from collections.abc import Mapping
+
+# What the supervisor may hold and task code must not see.
+HIDDEN = frozenset(
+    {
+        "CREDENTIALS_DIRECTORY",  # systemd LoadCredential=: the service-account key
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "NOTIFY_SOCKET",  # a task could tell systemd READY/STOPPING/WATCHDOG on our behalf
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+    }
+)
+HIDDEN_PREFIXES = ("CONSUMERD_",)  # the daemon's own settings (control socket, metrics address...)
+PR_SET_DUMPABLE = 4
+
+
+def task_environment(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment the fork server (and so every task) runs with."""
+    env = {k: v for k, v in environ.items() if k not in HIDDEN and not k.startswith(HIDDEN_PREFIXES)}
+    env.update(extra)
+    return env
+
+
+def make_undumpable() -> bool:
+    """PR_SET_DUMPABLE 0: /proc/<our pid>/{environ,mem,maps...} become root's, ptrace is refused,
+    and no core dump can leak what we hold. Children that exec (the fork server) start dumpable
+    again, with the stripped environment. False where prctl is not available."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
