@@ -180,6 +180,8 @@ class Intake:
             if worker.reserved is not None and worker.reserved is not mode:
                 continue
             r = pool.room(worker, mode, depth)
+            if mode is Mode.SYNC and worker.busy and r < depth // 2:
+                continue  # its queue is still half full: refill it later, many jobs in one frame
             if r > room:
                 best, room = worker, r
         if best is None and mode is Mode.SYNC and Mode.ASYNC in self.modes:

@@ -78,6 +78,10 @@ class Worker:
         self.live = True
         self.slots: dict[int, InFlight] = {}
 
+    @property
+    def busy(self) -> bool:
+        return self.inflight is not None
+
 
 class Pool:
     def __init__(self, size: int) -> None:

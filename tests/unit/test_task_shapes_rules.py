@@ -165,3 +165,22 @@ def test_a_batch_takes_the_oldest_ready_messages_of_its_task_within_the_cap():
     backlog.unget([first, *more])  # a batch still filling goes back, in order, at the front
     assert [m.message.message_id for m in backlog.waiting] == ["m0", "m2", "m3", "m4", "m1", "m5"]
     assert backlog.running_bytes == 0 and not backlog.running_tasks
+
+
+def test_a_busy_sync_worker_is_refilled_in_bulk_many_jobs_to_a_frame(tmp_path, worker):
+    from consumerd.pool import Pool
+    from consumerd.protocol import ForkServerSpec
+    from tests.unit.fakes import Harness, write_config
+
+    intake = Harness(write_config(tmp_path / "c.toml", "[workers]\nconcurrency = 1\n")).sup.intake
+    intake.task_seconds.add(0.0001)  # 0.1 ms tasks: 16 queued behind the running one
+    assert intake.queue_depth() == 16
+    pool = Pool(ForkServerSpec((), (), "json", "info", 0), 1, forget=lambda sock: None)
+    pool.workers[worker.pid] = worker
+    hold(worker, list(range(1, 11)), Mode.SYNC, now=0.0)  # one call of 10 messages: 1 unit
+    for seq in range(11, 20):
+        hold(worker, [seq], Mode.SYNC, now=0.0)  # 9 more: 10 units, room for 7 of 17
+    assert intake.pick(pool, Mode.SYNC, set()) is None  # not yet: wait until half the queue is free
+    worker.release(11, now=1.0)  # 9 units: room for 8
+    assert intake.pick(pool, Mode.SYNC, set()) is worker
+    assert intake.pick(pool, Mode.ASYNC, set()) is None  # it runs sync jobs
