@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: help venv emulator monitoring systemd-sandbox deb-tools wheel deb lock install-system run test lint unit integration system chaos bench bench-quick clean
+.PHONY: help venv emulator monitoring systemd-sandbox deb-tools wheel deb lock install-system run test lint unit integration system chaos bench bench-quick fleet clean
 
 help:
 	@echo "make run    - start a local Pub/Sub emulator and the daemon with demo tasks (Ctrl-C stops)"
@@ -21,6 +21,7 @@ help:
 	@echo "make lock  - refresh deploy/requirements.lock (pinned versions with their hashes)"
 	@echo "make bench  - consumerd against the alternatives (~20 min); make bench-quick (< 3 min)"
 	@echo "make chaos  - the 20,000-message fault soak; prints the no-message-lost table"
+	@echo "make fleet  - three hosts (systemd guests with the .deb) on one subscription: throughput, one killed (~2 min)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -124,6 +125,9 @@ bench: $(BENCH_STAMP) emulator
 
 bench-quick: $(BENCH_STAMP) emulator
 	$(PY) -m bench --quick --out bench/results/quick.json
+
+fleet: venv emulator systemd-sandbox deb
+	$(PY) -m bench.fleet
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

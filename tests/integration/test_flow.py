@@ -37,12 +37,12 @@ def test_500_messages_concurrency_4_all_acked_none_lost(broker, topic_sub, make_
         assert {"message_id", "task", "attempt", "worker_pid", "duration_ms", "outcome"} <= event.keys()
 
 
-def test_task_running_5x_ack_deadline_is_not_redelivered(broker, topic_sub, make_daemon, ledger):
+def test_task_running_3x_ack_deadline_is_not_redelivered(broker, topic_sub, make_daemon, ledger):
     topic, sub = topic_sub(ack_deadline=10)
-    [mid] = broker.publish(topic, data={"seconds": 50}, task="sleep")
+    [mid] = broker.publish(topic, data={"seconds": 30}, task="sleep")
     daemon = make_daemon(sub, leases={"ack_deadline": 10}, workers={"concurrency": 2, "task_timeout": 120})
     [event] = daemon.wait_for("message.done", timeout=90, outcome="success")
-    assert event["message_id"] == mid and event["duration_ms"] >= 50_000
+    assert event["message_id"] == mid and event["duration_ms"] >= 30_000  # renewed at least 3 times
     assert ledger.ids("start") == [mid], "the message was redelivered while its task ran"
     assert not daemon.select("message.failed")
     assert broker.pull_ids(sub, timeout=12) == []

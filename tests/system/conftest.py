@@ -35,13 +35,14 @@ def _cannot_boot() -> str:
 
 
 class Guest:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, binds: str = "") -> None:
         self.name = name
         self.sandbox = tempfile.mkdtemp(prefix="consumerd-sdbox-")
         self.leader = 0
+        self.binds = binds  # more systemd-nspawn --bind options
 
     def boot(self) -> Guest:
-        env = dict(os.environ, NET="host", SANDBOX_DIR=self.sandbox, BINDS=f"--bind-ro={REPO}:/opt/src")
+        env = dict(os.environ, NET="host", SANDBOX_DIR=self.sandbox, BINDS=f"--bind-ro={REPO}:/opt/src {self.binds}".strip())
         out = subprocess.run([str(HERE / "boot.sh"), self.name], env=env, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"guest did not boot: {out.stderr[-2000:]}")
