@@ -198,14 +198,20 @@ class WorkerExited:
 
     @property
     def cause(self) -> str:
-        """A bounded label for metrics: our kill reason, else how it ended by itself. A closed channel
-        only made us make sure it was gone: its exit status tells why it ended."""
-        if self.kill_reason is not None and self.kill_reason is not KillReason.CHANNEL_CLOSED:
+        """A bounded label for metrics: our kill reason, else how it ended by itself."""
+        if self.kill_reason is not None and not died_by_itself(self.kill_reason, self.status):
             return self.kill_reason.value
         code = self.exit_code
         if code < 0:
             return f"signal_{signal.Signals(-code).name}" if -code in signal.valid_signals() else "signal"
         return "exit_0" if code == 0 else "exit_nonzero"
+
+
+def died_by_itself(kill_reason: KillReason | None, status: int) -> bool:
+    """A closed channel, or a send that failed (a job queued for a worker that was already dying),
+    only made us make sure it was gone: unless our SIGKILL ended it, its exit status says why."""
+    mere_check = kill_reason in (KillReason.CHANNEL_CLOSED, KillReason.SEND_FAILED)
+    return kill_reason is None or (mere_check and os.waitstatus_to_exitcode(status) != -signal.SIGKILL)
 
 
 def outcome_of(kill_reason: KillReason | None, slot: Slot) -> Outcome:

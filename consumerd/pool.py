@@ -33,6 +33,7 @@ from .handles import (
     WorkerHandle,
     WorkerResult,
     WorkerStarted,
+    died_by_itself,
     outcome_of,
 )
 from .protocol import (
@@ -178,7 +179,7 @@ class Pool:
             return []
         self._close(handle)
         _sweep_process_group(pid)
-        reason = handle.kill_detail or describe_status(status)
+        reason = describe_status(status) if died_by_itself(handle.kill_reason, status) else (handle.kill_detail or describe_status(status))
         lost = [Lost(s.inflight, outcome_of(handle.kill_reason, s), now - s.started_at) for s in handle.started()]  # type: ignore[operator]
         unstarted = [s.inflight for s in handle.slots.values() if s.started_at is None]
         handle.slots.clear()

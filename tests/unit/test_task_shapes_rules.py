@@ -184,3 +184,14 @@ def test_a_busy_sync_worker_is_refilled_in_bulk_many_jobs_to_a_frame(tmp_path, w
     worker.release(11, now=1.0)  # 9 units: room for 8
     assert intake.pick(pool, Mode.SYNC, set()) is worker
     assert intake.pick(pool, Mode.ASYNC, set()) is None  # it runs sync jobs
+
+
+def test_a_worker_that_died_before_a_queued_job_reached_it_is_reported_by_its_exit_status(worker):
+    from consumerd.handles import WorkerExited
+
+    exited_1 = 1 << 8  # wait status of exit(1)
+    send_failed = WorkerExited(worker, [], [], exited_1, KillReason.SEND_FAILED, "exited with code 1")
+    assert send_failed.cause == "exit_nonzero"  # it died by itself; the send only found out
+    stuck = WorkerExited(worker, [], [], 9, KillReason.SEND_FAILED, "could not send job")  # our SIGKILL ended it
+    assert stuck.cause == "send_failed"
+    assert WorkerExited(worker, [], [], 9, KillReason.TIMEOUT, "timeout").cause == "timeout"
