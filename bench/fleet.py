@@ -36,11 +36,13 @@ ACK_DEADLINE = 10
 
 
 def deb() -> Path:
+    """The package built from this tree (`make deb` now, if it is not there yet)."""
     version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)  # type: ignore[union-attr]
     found = sorted((REPO / "dist").glob(f"consumerd_{version}_*.deb"))
     if not found:
         subprocess.run(["make", "deb"], cwd=REPO, check=True, capture_output=True, timeout=1200)
         found = sorted((REPO / "dist").glob(f"consumerd_{version}_*.deb"))
+    assert found, "make deb made no package"
     return found[-1]
 
 

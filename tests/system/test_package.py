@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
-import subprocess
 import time
 
 import pytest
 
+from bench.fleet import deb
 from harness.daemon import REPO
 from tests.system.conftest import STATE_DIR
 
@@ -15,15 +14,10 @@ pytestmark = pytest.mark.system
 
 
 @pytest.fixture(scope="module")
-def deb() -> str:
-    """The package built from this tree (built now, as CI does with `make deb`, if it is not there)."""
-    version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)  # type: ignore[union-attr]
-    found = sorted((REPO / "dist").glob(f"consumerd_{version}_*.deb"))
-    if not found:
-        subprocess.run(["make", "deb"], cwd=REPO, check=True, capture_output=True, timeout=1200)
-        found = sorted((REPO / "dist").glob(f"consumerd_{version}_*.deb"))
-    assert found, "make deb made no package"
-    return f"/opt/src/dist/{found[-1].name}"  # where the guest sees the checkout
+def package() -> str:
+    """The package built from this tree (built now, as CI does with `make deb`, if it is not there),
+    where the guest sees the checkout."""
+    return f"/opt/src/dist/{deb().name}"
 
 
 def wait_done(guest, ids, timeout=60):
@@ -33,12 +27,12 @@ def wait_done(guest, ids, timeout=60):
         time.sleep(0.2)
 
 
-def test_the_package_installs_runs_reloads_stops_on_remove_and_purges(bare_guest, service, broker, deb):
+def test_the_package_installs_runs_reloads_stops_on_remove_and_purges(bare_guest, service, broker, package):
     g = bare_guest
     # This machine is a container image whose policy-rc.d forbids maintainer scripts to touch services
     # (apt honours it, as it should); the guest stands for a real host, which has none.
     g.sh("rm -f /usr/sbin/policy-rc.d")
-    g.sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q {deb}", timeout=300)
+    g.sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q {package}", timeout=300)
     # Installed, on PATH, units in /lib, the config a conffile, and an unconfigured daemon not started.
     assert g.sh("command -v consumerd").stdout.strip() == "/usr/bin/consumerd"
     assert g.sh("test -f /lib/systemd/system/consumerd.service && test -f /lib/systemd/system/consumerd@.service").returncode == 0
