@@ -17,7 +17,7 @@ from .config import Settings, config_path, load_settings
 from .errors import ConfigError, ConsumerdError, ExitCode
 from .limits import check_concurrency, raise_nofile
 from .logsetup import configure_logging, get_logger
-from .sandbox import make_undumpable
+from .sandbox import credentials_exposure, make_undumpable
 
 DEFAULT_SOCKET = "/run/consumerd/control.sock"  # RuntimeDirectory=consumerd in the unit
 
@@ -113,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> ExitCode:
     log.info("daemon.starting", version=__version__, config=str(path))
     warn_if_readable_by_others(path, settings, log)
     warn_if_emulator_is_remote(settings.pubsub.emulator_host, log)
+    warn_if_tasks_can_read_the_key(settings, log)
     if not make_undumpable():  # task code (same user) must not read our memory or environment
         log.warning("daemon.dumpable", detail="prctl(PR_SET_DUMPABLE, 0) failed: same-user processes can read this one's memory")
     from .supervisor import (
@@ -127,6 +128,15 @@ def cmd_run(args: argparse.Namespace) -> ExitCode:
     except ConsumerdError as exc:
         log.error("daemon.startup_failed", error=str(exc), exit_code=int(exc.exit_code))
         raise
+
+
+def warn_if_tasks_can_read_the_key(settings: Settings, log: Any) -> None:
+    if settings.pubsub.emulator_host:
+        return  # no credentials are used
+    key_file = str(settings.pubsub.credentials_path() or "")
+    reason = credentials_exposure(key_file, os.environ, settings.workers.hide_credentials)
+    if reason:
+        log.warning("workers.credentials_readable", reason=reason)
 
 
 def warn_if_emulator_is_remote(host_port: str, log: Any) -> None:

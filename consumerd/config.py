@@ -108,6 +108,8 @@ class WorkerSettings(_Section):
     # Variables for task code: the workers get the daemon's environment without its secrets (see
     # `sandbox`), plus these (e.g. GOOGLE_APPLICATION_CREDENTIALS for a key of the tasks' own).
     environment: dict[str, str] = Field(default_factory=dict)
+    # Make $CREDENTIALS_DIRECTORY (LoadCredential=) unreadable for task code with Landlock.
+    hide_credentials: bool = True
 
     @field_validator("environment")
     @classmethod

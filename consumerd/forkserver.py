@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 
-from . import tracing
+from . import landlock, tracing
 from .errors import ConfigError, ExitCode, TaskCancelled, WorkerProtocolError
 from .inbox import drain_fd
 from .logsetup import configure_logging, get_logger
@@ -84,6 +84,7 @@ class ForkServer:
 
     def run(self) -> int:
         set_title("fork server")
+        self.hide_credentials()  # before any task module is imported: import-time code is task code
         if not self.preload():
             return int(ExitCode.CONFIG)
         self.install_signal_handlers()
@@ -113,6 +114,15 @@ class ForkServer:
         tracing.configure(self.spec.tracing, self.log)
         send_packet(self.control, Ready(tuple((spec.name, spec.options) for spec in self.registry.specs())))
         return True
+
+    def hide_credentials(self) -> None:
+        if not self.spec.hidden_paths:
+            return
+        result = landlock.hide(self.spec.hidden_paths)
+        if isinstance(result, landlock.Hidden):
+            self.log.info("workers.credentials_hidden", paths=list(result.paths), rules=result.granted)
+        else:
+            self.log.warning("workers.credentials_readable", reason=result.reason, paths=list(self.spec.hidden_paths))
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C

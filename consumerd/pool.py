@@ -52,7 +52,7 @@ from .protocol import (
     decode_control,
     encode_control,
 )
-from .sandbox import task_environment
+from .sandbox import hidden_from_tasks, task_environment
 
 SEND_TIMEOUT = 30.0  # seconds to hand a job to an idle worker (a 10 MB message takes milliseconds)
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL to a worker's process group
@@ -72,6 +72,7 @@ def fork_server_spec(settings: Settings) -> ForkServerSpec:
         max_tasks_per_child=settings.workers.max_tasks_per_child,
         tracing=settings.tracing.enabled,
         environment=tuple(settings.workers.environment.items()),
+        hidden_paths=hidden_from_tasks(os.environ) if settings.workers.hide_credentials else (),
     )
 
 

@@ -100,6 +100,7 @@ class ForkServerSpec:
     max_tasks_per_child: int
     tracing: bool = False
     environment: tuple[tuple[str, str], ...] = ()  # [workers] environment: added for task code
+    hidden_paths: tuple[str, ...] = ()  # made unreadable before any task module is imported (`landlock`)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

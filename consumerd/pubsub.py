@@ -24,6 +24,7 @@ from google.pubsub_v1.services.publisher.transports import PublisherGrpcTranspor
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 from google.pubsub_v1.types import pubsub as types
 
+from . import credentials
 from .backoff import Backoff
 from .config import PubSubSettings, Settings
 from .errors import ConfigError, ConsumerdError, PubSubUnavailable
@@ -138,6 +139,8 @@ class PubSub:
         self._subscriber: GapicSubscriber | None = None
         self._publisher: GapicPublisher | None = None
         self._hot: _HotPath | None = None
+        self._tls: grpc.ChannelCredentials | None = None
+        self._auth: credentials.RememberingPlugin | None = None
 
     # -- clients ---------------------------------------------------------------------------
     @property
@@ -161,22 +164,14 @@ class PubSub:
     def _channel(self, transport: Any) -> grpc.Channel:
         if self.settings.emulator_host:
             return grpc.insecure_channel(self.settings.emulator_host, options=CHANNEL_OPTIONS)
-        return transport.create_channel(host=self.settings.endpoint, credentials=self._credentials(), options=CHANNEL_OPTIONS)
+        if self._tls is None:  # one credential (one token, refreshed once) for both clients
+            loaded = credentials.load(self.settings.credentials_path(), transport.AUTH_SCOPES)
+            self._tls, self._auth = credentials.channel_credentials(loaded, transport.AUTH_SCOPES, transport.DEFAULT_HOST)
+        return grpc.secure_channel(self.settings.endpoint, self._tls, options=CHANNEL_OPTIONS)
 
-    def _credentials(self) -> object | None:
-        path = self.settings.credentials_path()
-        if path is None:
-            return None  # Application Default Credentials
-        from google.oauth2 import service_account
-
-        try:
-            return service_account.Credentials.from_service_account_file(str(path), scopes=["https://www.googleapis.com/auth/pubsub"])
-        except FileNotFoundError:
-            raise ConfigError(f"pubsub.credentials_file: {path}: file not found") from None
-        except PermissionError:
-            raise ConfigError(f"pubsub.credentials_file: {path}: not readable") from None
-        except (ValueError, KeyError) as exc:
-            raise ConfigError(f"pubsub.credentials_file: {path}: not a service-account key: {exc}") from None
+    def auth_failure(self) -> credentials.AuthFailure | None:
+        """Why the last credential refresh failed, if it did (None on the emulator)."""
+        return self._auth.failure() if self._auth is not None else None
 
     def close(self) -> None:
         """Close the channels; a pull in flight is cancelled."""
@@ -356,6 +351,9 @@ def connect(
             raise
         except Exception as exc:  # noqa: BLE001 - retried, then reported as unavailable
             attempt += 1
+            auth = pubsub.auth_failure()
+            if auth is not None and auth.permanent:
+                raise ConfigError(f"pubsub credentials refused by the token endpoint: {auth.error}") from None
             if not is_transient(exc) or clock() >= give_up_at:
                 first_line = str(exc).splitlines()[0] if str(exc) else ""
                 raise PubSubUnavailable(
@@ -363,7 +361,13 @@ def connect(
                     f"(pubsub.startup_timeout): {type(exc).__name__}: {first_line}"[:500]
                 ) from None
             delay = backoff.delay(attempt)
-            log.warning("pubsub.unreachable", error=type(exc).__name__, attempt=attempt, retry_in_s=round(delay, 2))
+            log.warning(
+                "pubsub.unreachable",
+                error=type(exc).__name__,
+                **({"auth_error": auth.error} if auth is not None else {}),
+                attempt=attempt,
+                retry_in_s=round(delay, 2),
+            )
             if wait_or_stop(delay):
                 return None
     dead_letter_topic = settings.dead_letter.topic and settings.pubsub.topic_path(settings.dead_letter.topic)

@@ -39,6 +39,33 @@ def task_environment(environ: Mapping[str, str], extra: Mapping[str, str]) -> di
     return env
 
 
+def hidden_from_tasks(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """What the fork server makes unreadable (`landlock`): the LoadCredential= directory.
+
+    Only that one: its way from / (/, /run, /run/credentials) holds nothing task code needs and
+    does not change while the daemon runs. A key elsewhere (say /etc/consumerd/key.json) would put
+    /etc on that way, and a file replaced there by rename (/etc/passwd by useradd) would turn
+    unreadable for tasks; such a key stays readable, and `credentials_exposure` says so.
+    """
+    directory = environ.get("CREDENTIALS_DIRECTORY", "")
+    return (directory,) if directory else ()
+
+
+def credentials_exposure(key_file: str, environ: Mapping[str, str], hide: bool) -> str:
+    """Why task code can still read the daemon's key, or "" when it cannot (or there is none)."""
+    adc = environ.get("GOOGLE_APPLICATION_CREDENTIALS", "")
+    directory = environ.get("CREDENTIALS_DIRECTORY", "")
+    for what, path in (("pubsub.credentials_file", key_file), ("GOOGLE_APPLICATION_CREDENTIALS", adc)):
+        if not path:
+            continue
+        inside = bool(directory) and (path + "/").startswith(directory.rstrip("/") + "/")
+        if not inside:
+            return f"{what} {path} is not under $CREDENTIALS_DIRECTORY: load it with LoadCredential= to hide it from tasks"
+        if not hide:
+            return "workers.hide_credentials is false"
+    return ""
+
+
 def make_undumpable() -> bool:
     """PR_SET_DUMPABLE 0: /proc/<our pid>/{environ,mem,maps...} become root's, ptrace is refused,
     and no core dump can leak what we hold. Children that exec (the fork server) start dumpable

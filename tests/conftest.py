@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
 
 from consumerd.emulator import Emulator, EmulatorError, sdk_root  # noqa: E402
 from harness.daemon import NotifySocket  # noqa: E402
+from harness.tlsproxy import ProductionPath  # noqa: E402
 from tests.support.pubsub import Broker, Ledger  # noqa: E402
 
 
@@ -72,3 +73,16 @@ def notify_socket() -> Iterator[NotifySocket]:
     sock = NotifySocket()
     yield sock
     sock.close()
+
+
+# google-auth refreshes a token 225 s before it expires: one living 229 s is fresh for 4 s, so a
+# 15-second run goes through several refreshes.
+TOKEN_LIFETIME = 229
+
+
+@pytest.fixture
+def production(emulator: Emulator, tmp_path: Path) -> Iterator[ProductionPath]:
+    """The emulator behind TLS with a checking proxy, a CA, a service-account key and a token endpoint."""
+    path = ProductionPath(tmp_path / "tls", emulator.host, token_lifetime=TOKEN_LIFETIME)
+    yield path
+    path.close()

@@ -447,4 +447,11 @@ def snoop(msg: Message) -> None:
             record(f"opened:{what}", msg)
         except OSError as exc:
             record(f"denied:{what}:{type(exc).__name__}", msg)
+    # The LoadCredential= directory, by its well-known path (the variable naming it is gone).
+    try:
+        with open("/run/credentials/consumerd.service/probe") as credential:
+            credential.read()
+        record("opened:credential", msg)
+    except OSError as exc:
+        record(f"denied:credential:{type(exc).__name__}", msg)
     record("done", msg)

@@ -21,12 +21,13 @@ mkdir -p "$ROOT"
 mountpoint -q "$ROOT" || mount --bind / "$ROOT"
 NETOPT=--private-network            # guest has only its own lo; NET=host shares the host's loopback
 [ "${NET:-}" = host ] && NETOPT=""
+# --system-call-filter: nspawn's own allow-list (not a real host's) lacks these; the unit uses them.
 # Put nspawn in its own cgroups first: with no host systemd it creates sub-cgroups next to itself,
 # and these keep them off the host's root cgroup.
 for h in systemd unified; do mkdir -p /sys/fs/cgroup/$h/sdbox-$NAME; done
 setsid bash -c "for h in systemd unified; do echo \$\$ > /sys/fs/cgroup/\$h/sdbox-$NAME/cgroup.procs; done; exec \"\$0\" \"\$@\"" \
   systemd-nspawn --quiet --directory="$ROOT" --volatile=overlay --machine="$NAME" \
-    --register=no --keep-unit $NETOPT --system-call-filter=bpf ${BINDS:-} \
+    --register=no --keep-unit $NETOPT --system-call-filter="bpf landlock_create_ruleset landlock_add_rule landlock_restrict_self" ${BINDS:-} \
     --boot --console=passive \
     systemd.mask=postgresql.service systemd.mask=timers.target \
     > "$D/nspawn-$NAME.log" 2>&1 < /dev/null &

@@ -212,10 +212,48 @@ def test_task_code_cannot_read_the_supervisors_memory_environment_or_credential_
             assert f"env:{name}:absent" in events, events
         # Non-dumpable, its /proc entries are root's: ProtectProc=invisible then hides them altogether
         # (FileNotFoundError); without ProtectProc they are refused (PermissionError). Never opened.
-        assert {e.rsplit(":", 1)[0] for e in events if e.startswith("denied:")} == {"denied:environ", "denied:mem"}, events
+        assert {e.rsplit(":", 1)[0] for e in events if e.startswith("denied:")} == {"denied:environ", "denied:mem", "denied:credential"}, (
+            events
+        )
+        assert "denied:credential:PermissionError" in events  # there, but Landlock keeps tasks out
         assert not [e for e in events if e.startswith("opened:")]
+        # The supervisor itself still reads it (the daemon would not start otherwise with a real key).
+        hidden = guest.sh("journalctl -u consumerd -o cat --no-pager | grep -c workers.credentials_hidden", check=False).stdout.strip()
+        assert int(hidden or 0) >= 1, guest.journal_text()[-3000:]
     finally:
         guest.sh("systemctl stop consumerd; rm -f /etc/systemd/system/consumerd.service.d/probe.conf; systemctl daemon-reload")
+
+
+def test_load_credential_key_over_tls_with_a_token_on_every_rpc(guest, service, broker, production, emulator):
+    """The production path under systemd: the key comes in through LoadCredential=, only the service reads it."""
+    key = production.account.path
+    guest.write("/etc/consumerd/pubsub-key.json", key.read_text())
+    guest.write("/etc/consumerd/test-ca.pem", production.authority.ca_file.read_text())
+    guest.sh("chmod 600 /etc/consumerd/pubsub-key.json; mkdir -p /etc/systemd/system/consumerd.service.d")
+    guest.write(
+        "/etc/systemd/system/consumerd.service.d/key.conf", "[Service]\nLoadCredential=pubsub-key.json:/etc/consumerd/pubsub-key.json\n"
+    )
+    default = guest.sh("cat /etc/default/consumerd").stdout
+    # No PUBSUB_EMULATOR_HOST: the daemon takes the TLS path to the proxy and trusts the test CA.
+    production_env = [line for line in default.splitlines() if not line.startswith("PUBSUB_EMULATOR_HOST=")]
+    guest.write("/etc/default/consumerd", "\n".join([*production_env, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=/etc/consumerd/test-ca.pem", ""]))
+    guest.sh("systemctl daemon-reload")
+    try:
+        topic, _ = service(pubsub={"endpoint": production.endpoint, "credentials_file": "pubsub-key.json"})
+        guest.sh("systemctl start consumerd")
+        invocation = guest.sh("systemctl show consumerd -p InvocationID --value").stdout.strip()
+        ids = broker.publish(topic, 5, task="ok")
+        _wait_ids(guest, ids)
+        guest.sh("systemctl stop consumerd")
+        this_run = guest.sh(f"journalctl _SYSTEMD_INVOCATION_ID={invocation} --no-pager -o cat").stdout
+        calls = production.proxy.recorded()
+        assert calls and [c for c in calls if c.refusal] == [] and {c.kind for c in calls} == {"token"}
+        assert {"GetSubscription", "Pull", "Acknowledge"} <= {c.name for c in calls}
+        assert production.tokens.refused == [] and len(production.tokens.issued) >= 1
+        assert "pubsub.subscribed" in this_run and "pubsub.unreachable" not in this_run, this_run[-3000:]
+    finally:
+        guest.write("/etc/default/consumerd", default)
+        guest.sh("rm -f /etc/consumerd/pubsub-key.json /etc/consumerd/test-ca.pem", check=False)
 
 
 def test_an_install_puts_consumerd_on_path_and_its_documentation_where_the_unit_says(guest):
