@@ -11,6 +11,7 @@ survives the kill.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -57,17 +58,33 @@ class Fleet:
         self.serial = 0
 
     def boot(self, package: Path) -> None:
-        for i in range(self.hosts):
-            ledger = self.dir / f"host{i}"
-            ledger.mkdir(parents=True)
-            g = Guest(f"consumerd-fleet{i}-{os.getpid()}", binds=f"--bind={ledger}:/var/lib/private/consumerd").boot()
-            self.guests.append(g)
+        """Boot and install every host at once (each guest has its own overlay and dpkg)."""
+        with concurrent.futures.ThreadPoolExecutor(self.hosts) as pool:
+            futures = [pool.submit(self._boot_one, i, package) for i in range(self.hosts)]
+            failures = []
+            for future in futures:  # in host order, so guests[i] is host i
+                try:
+                    self.guests.append(future.result())
+                except Exception as exc:  # noqa: BLE001 - the others are kept for teardown(), then it is raised
+                    failures.append(exc)
+            if failures:
+                raise failures[0]
+
+    def _boot_one(self, i: int, package: Path) -> Guest:
+        ledger = self.dir / f"host{i}"
+        ledger.mkdir(parents=True)
+        g = Guest(f"consumerd-fleet{i}-{os.getpid()}", binds=f"--bind={ledger}:/var/lib/private/consumerd").boot()
+        try:
             g.sh("rm -f /usr/sbin/policy-rc.d")  # this machine's container image forbids service starts
             g.sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q /opt/src/dist/{package.name}", timeout=300)
             g.write(
                 "/etc/default/consumerd",
                 f"PUBSUB_EMULATOR_HOST={self.host}\nGOOGLE_CLOUD_PROJECT={PROJECT}\nPYTHONPATH=/opt/src\nTEST_LEDGER_DIR=/var/lib/consumerd\n",
             )
+        except BaseException:
+            g.teardown()
+            raise
+        return g
 
     def teardown(self) -> None:
         for g in self.guests:

@@ -78,9 +78,12 @@ def grants(hidden: Iterable[str]) -> list[Path]:
 
 def hide(paths: Iterable[str]) -> Hidden | NotHidden:
     """Make ``paths`` unreadable for this process and all it forks from now on."""
-    paths = tuple(sorted({p for p in paths if p}))
+    paths = tuple(sorted({p for p in paths if p and os.path.lexists(p)}))
     if not paths:
-        return Hidden((), 0)
+        return Hidden((), 0)  # nothing there to hide (with no rules, the ruleset would hide everything)
+    to_grant = grants(paths)
+    if not to_grant:
+        return NotHidden(f"refusing to hide {', '.join(paths)}: nothing else would stay readable")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     if libc.syscall(SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(CREATE_RULESET_VERSION)) < 1:
@@ -91,7 +94,7 @@ def hide(paths: Iterable[str]) -> Hidden | NotHidden:
         return NotHidden(f"landlock_create_ruleset: {os.strerror(ctypes.get_errno())}")
     try:
         count = 0
-        for path in grants(paths):
+        for path in to_grant:
             if _grant(libc, int(ruleset), path):
                 count += 1
         # Required to restrict oneself without CAP_SYS_ADMIN (the unit sets NoNewPrivileges= too).

@@ -75,9 +75,9 @@ def notify_socket() -> Iterator[NotifySocket]:
     sock.close()
 
 
-# google-auth refreshes a token 225 s before it expires: one living 229 s is fresh for 4 s, so a
-# 15-second run goes through several refreshes.
-TOKEN_LIFETIME = 229
+# google-auth refreshes a token 225 s before it expires: one living 227 s is fresh for 2 s, so a
+# 6-second run goes through several refreshes.
+TOKEN_LIFETIME = 227
 
 
 @pytest.fixture

@@ -116,3 +116,15 @@ os.wait()
     if out[0] == "unsupported":
         pytest.skip(" ".join(out))
     assert out == ["denied", "read", "denied", "denied", "child", "denied"]
+
+
+def test_landlock_hides_nothing_when_the_path_is_missing_and_refuses_to_hide_the_root(tmp_path):
+    """A ruleset without rules would make every file unreadable: the fork server could not even import."""
+    probe = f"""
+from consumerd import landlock
+print(landlock.hide([{str(tmp_path / "absent")!r}]))
+print(landlock.hide(["/"]))
+print(open({str(__file__)!r}).read(10) != "")
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["Hidden(paths=(), granted=0)", "NotHidden(reason='refusing to hide /: nothing else would stay readable')", "True"]
