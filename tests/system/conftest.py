@@ -151,4 +151,3 @@ def service(bare_guest, topic_sub):
         "systemctl stop consumerd; systemctl reset-failed consumerd; rm -rf /etc/systemd/system/consumerd.service.d; systemctl daemon-reload",
         check=False,
     )
-
