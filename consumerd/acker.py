@@ -37,10 +37,14 @@ class Acker:
         backoff: Backoff = Backoff(base=0.1, cap=5.0),
         give_up_after: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
-        linger: float = 0.02,
+        linger: float = 0.1,
         max_batch: int = 1000,
     ) -> None:
-        self._linger = linger  # seconds to wait for more requests before sending: fewer, fuller RPCs
+        # Seconds to wait for more requests before sending: fewer, fuller RPCs. At 100 msg/s of 20 ms
+        # tasks, 0.02 s sent 2.5 acks per RPC; 0.1 s halved the emulator's CPU per message and cut the
+        # supervisor's by ~6 % (bench A/B). An ack 100 ms later holds a lease 100 ms longer; a drain's
+        # flush() does not wait for it.
+        self._linger = linger
         self._max_batch = max_batch
         self._ack = ack
         self._modack = modack
