@@ -128,6 +128,7 @@ def summarize(records: list[dict]) -> list[dict]:
                 "duplicates": sum(r["duplicates"] for r in rs),
                 "total_rss_mb": _median_of(rs, "total_rss_mb") or _median_of(rs, "consumer_rss_mb"),
                 "batch_median": _median_of(rs, "batch_median"),
+                "task_cpu_ms": _median_of(rs, "task_cpu_ms"),
             }
         )
     return out
@@ -140,6 +141,13 @@ def _median_of(rs: list[dict], key: str) -> float | None:
 
 def _throughput(summary: list[dict], contender: str, workload: str) -> float:
     return next((s["throughput"] for s in summary if s["contender"] == contender and s["workload"] == workload), 0.0)
+
+
+def _task_cpu_s(summary: list[dict], contender: str, workload: str) -> float | None:
+    """What a task of that run really cost in CPU (the tasks measure it): the machine's speed drifts
+    between calibration and the run, so "20 ms" is only nominal. The ideal is cores / this."""
+    ms = next((s.get("task_cpu_ms") for s in summary if s["contender"] == contender and s["workload"] == workload), None)
+    return ms / 1000 if ms else None
 
 
 def _batch_median(summary: list[dict]) -> float:
@@ -155,9 +163,9 @@ def targets(summary: list[dict], scaling: list[dict], idle: dict, lease: dict, c
     rows = [  # (target, measured, bound, ">=" or "<=")
         ("CPU 20 ms: >= 1.8x subscribe()", best("cpu20"), 1.8 * _throughput(summary, "subscribe", "cpu20"), ">="),
         (
-            "CPU 20 ms, concurrency = cores: >= 90 % of cores / 0.020 s",
+            "CPU 20 ms, concurrency = cores: >= 90 % of cores / task CPU time",
             _throughput(summary, f"consumerd c={cores} mtpc=0", "cpu20"),
-            0.9 * cores / 0.020,
+            0.9 * cores / (_task_cpu_s(summary, f"consumerd c={cores} mtpc=0", "cpu20") or 0.020),
             ">=",
         ),
         ("heavy tail: >= 5x blog design", best("tail"), 5 * _throughput(summary, "blog", "tail"), ">="),

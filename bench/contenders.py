@@ -48,8 +48,8 @@ def subscribe(subscription: str, n: int) -> dict:
     finished = threading.Event()
 
     def callback(message: pubsub_v1.subscriber.message.Message) -> None:
-        work(message.attributes["kind"])
-        record(message.message_id, message.publish_time.timestamp())
+        cpu_s = work(message.attributes["kind"])
+        record(message.message_id, message.publish_time.timestamp(), cpu_s)
         message.ack()
         with lock:
             seen.add(message.message_id)
@@ -64,8 +64,7 @@ def subscribe(subscription: str, n: int) -> dict:
 
 
 def _run_one(kind: str, message_id: str, publish_ts: float) -> None:
-    work(kind)
-    record(message_id, publish_ts)
+    record(message_id, publish_ts, work(kind))
 
 
 def blog(subscription: str, n: int) -> dict:

@@ -173,7 +173,7 @@ class Runner:
         finally:
             daemon.stop()
             self._delete(topic, sub)
-        latencies = sorted((end - pub) * 1000 for _, pub, end in _read(out))
+        latencies = sorted((end - pub) * 1000 for _, pub, end, _cpu in _read(out))
         result = {
             "start_latency_ms_p50": round(statistics.median(latencies), 1),
             "start_latency_ms_p99": round(latencies[-1], 1),
@@ -195,7 +195,7 @@ class Runner:
         finally:
             stopped = daemon.stop()
             self._delete(topic, sub)
-        ends = [end for _, _, end in _read(out)]
+        ends = [end for _, _, end, _cpu in _read(out)]
         modacks = (stopped or {}).get("rpcs", {}).get("modack", 0)
         # Renewals fall due every 0.6 x 10 s while tasks run: one tick at ~6 s and one at ~12 s.
         ticks = int((max(ends) - min(ends) + 15) // 6)
@@ -226,10 +226,11 @@ def daemon_usage(daemon: Daemon) -> dict[str, Any]:
 
 def _from_ledger(out: Path, n: int, ready_ts: float) -> dict[str, Any]:
     rows = _read(out)
-    ids = [mid for mid, _, _ in rows]
+    ids = [mid for mid, _, _, _ in rows]
     first_end = {}
-    for mid, pub, end in rows:
+    for mid, pub, end, _cpu in rows:
         first_end.setdefault(mid, (pub, end))
+    cpu = [c for _, _, _, c in rows if c > 0]
     latencies = sorted((end - pub) * 1000 for pub, end in first_end.values())
     last = max(end for _, end in first_end.values())
     return {
@@ -237,14 +238,16 @@ def _from_ledger(out: Path, n: int, ready_ts: float) -> dict[str, Any]:
         "seconds": round(last - ready_ts, 3),
         "latency_ms": {"p50": round(_pct(latencies, 50), 1), "p99": round(_pct(latencies, 99), 1)},
         "duplicates": len(ids) - len(first_end),
+        "task_cpu_ms": round(statistics.mean(cpu) * 1000, 3) if cpu else None,  # what a CPU task really cost
     }
 
 
-def _read(out: Path) -> list[tuple[str, float, float]]:
+def _read(out: Path) -> list[tuple[str, float, float, float]]:
+    """(message id, published, ended, task CPU seconds) per ledger line."""
     rows = []
     for line in out.read_text().splitlines():
-        mid, pub, end, _pid = line.split()
-        rows.append((mid, float(pub), float(end)))
+        mid, pub, end, _pid, *cpu = line.split()
+        rows.append((mid, float(pub), float(end), float(cpu[0]) if cpu else 0.0))
     return rows
 
 
