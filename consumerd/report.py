@@ -39,9 +39,12 @@ class Reporter:
             resources.callback(server.stop)
             log.info("metrics.listening", address=server.address)
 
-    def announce_ready(self, subscription: str, concurrency: int, log: Any) -> None:
-        """READY=1 to systemd, ready to the probes, daemon.ready to the log."""
+    def announce_ready(self, now: float, paused: bool, subscription: str, concurrency: int, log: Any) -> None:
+        """Ready to the probes, READY=1 to systemd, daemon.ready to the log: in that order, so that
+        whoever saw READY=1 or the log line finds /readyz ready too (it used to wait for the next
+        tick: a test that asked right after daemon.ready got 503 under load)."""
         self.ready = True
+        self.tick(now, "running", paused)
         self.notifier.ready(self.status_text("running"))
         log.info(
             "daemon.ready",

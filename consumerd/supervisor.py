@@ -197,7 +197,7 @@ class Supervisor:
     def notify_ready(self) -> None:
         self.state = State.RUNNING
         self.intake.ticked(self.clock())
-        self.reporter.announce_ready(self.pubsub.subscription, self.concurrency, self.log)
+        self.reporter.announce_ready(self.clock(), self.paused, self.pubsub.subscription, self.concurrency, self.log)
 
     # == the loop ==============================================================================
     def wait_for_events(self, timeout: float | None = None) -> None:
