@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.runner import create_subscription
 from consumerd.config import PubSubSettings
 from consumerd.emulator import Emulator
 from consumerd.pubsub import PubSub
@@ -93,11 +94,7 @@ class Fleet:
     # -- one scenario --------------------------------------------------------------------------
     def subscription(self) -> tuple[str, str]:
         self.serial += 1
-        topic = f"projects/{PROJECT}/topics/fleet-{self.serial}"
-        sub = f"projects/{PROJECT}/subscriptions/fleet-{self.serial}"
-        self.adapter.ensure_topic(topic)
-        self.adapter.ensure_subscription(topic, sub, ACK_DEADLINE)
-        return topic, sub
+        return create_subscription(self.adapter, PROJECT, f"fleet-{self.serial}", ACK_DEADLINE)
 
     def configure(self, hosts: list[Guest], sub: str) -> None:
         settings = {

@@ -67,11 +67,7 @@ class Runner:
 
     def _fresh_subscription(self, ack_deadline: int = 60) -> tuple[str, str]:
         self._serial += 1
-        topic = f"projects/{PROJECT}/topics/bench-{self._serial}"
-        sub = f"projects/{PROJECT}/subscriptions/bench-{self._serial}"
-        self.adapter.ensure_topic(topic)
-        self.adapter.ensure_subscription(topic, sub, ack_deadline)
-        return topic, sub
+        return create_subscription(self.adapter, PROJECT, f"bench-{self._serial}", ack_deadline)
 
     def _publish_backlog(self, topic: str, run: Run) -> None:
         kinds = WORKLOADS[run.workload][0]
@@ -202,6 +198,15 @@ class Runner:
         result = {"messages": 64, "task_seconds": 15, "ack_deadline": 10, "modack_rpcs": modacks, "renewal_ticks": ticks}
         print(f"  lease renewals: {result}", flush=True)
         return result
+
+
+def create_subscription(adapter: PubSub, project: str, name: str, ack_deadline: int) -> tuple[str, str]:
+    """A topic and a subscription to it, both called ``name``: what each run (or fleet scenario) starts from."""
+    topic = f"projects/{project}/topics/{name}"
+    sub = f"projects/{project}/subscriptions/{name}"
+    adapter.ensure_topic(topic)
+    adapter.ensure_subscription(topic, sub, ack_deadline)
+    return topic, sub
 
 
 def start_daemon(config: Path, env: dict[str, str]) -> Daemon:
