@@ -52,6 +52,7 @@ class Backlog:
         self.task_caps: dict[str, int] = {}  # @task(concurrency=N): at most N of that task running
         self.running_tasks: collections.Counter[str] = collections.Counter()
         self.held_bytes = 0  # waiting + running (+ being dead-lettered, until released)
+        self.waiting_tasks: collections.Counter[str] = collections.Counter()  # task -> messages waiting
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -63,6 +64,7 @@ class Backlog:
     def enqueue(self, inflight: InFlight) -> None:
         """A held message waits for a worker."""
         self.waiting.append(inflight)
+        self.waiting_tasks[inflight.task] += 1
 
     def next_ready(self, now: float) -> InFlight | None:
         """Remove and return the oldest message that may start now, or None."""
@@ -71,6 +73,7 @@ class Backlog:
                 return None  # keep arrival order: nothing overtakes a big message waiting for room
             if self._task_free(inflight.task) and self._key_free(inflight.key, now):
                 del self.waiting[index]
+                self._unwait([inflight])
                 self._started(inflight)
                 return inflight
         return None
@@ -95,6 +98,7 @@ class Backlog:
                 kept.append(inflight)
         if taken:
             self.waiting = kept
+            self._unwait(taken)
         return taken
 
     def unget(self, items: list[InFlight]) -> None:
@@ -103,6 +107,13 @@ class Backlog:
         for inflight in reversed(items):
             self.finished(inflight)
             self.waiting.appendleft(inflight)
+            self.waiting_tasks[inflight.task] += 1
+
+    def _unwait(self, taken: list[InFlight]) -> None:
+        for inflight in taken:
+            self.waiting_tasks[inflight.task] -= 1
+            if self.waiting_tasks[inflight.task] <= 0:
+                del self.waiting_tasks[inflight.task]
 
     def _started(self, inflight: InFlight) -> None:
         self.running_bytes += inflight.size
@@ -153,6 +164,7 @@ class Backlog:
         self.blocked_until[key] = until
         taken = [m for m in self.waiting if m.key == key]
         self.waiting = collections.deque(m for m in self.waiting if m.key != key)
+        self._unwait(taken)
         return taken
 
     def key_blocked_for(self, key: str, now: float) -> float:
@@ -166,6 +178,7 @@ class Backlog:
         taken = [m for m in self.waiting if predicate(m)]
         if taken:
             self.waiting = collections.deque(m for m in self.waiting if not predicate(m))
+            self._unwait(taken)
         return taken
 
     def prune(self, now: float) -> int:
@@ -178,4 +191,5 @@ class Backlog:
     def take_all(self) -> list[InFlight]:
         taken = list(self.waiting)
         self.waiting.clear()
+        self.waiting_tasks.clear()
         return taken

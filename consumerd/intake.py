@@ -141,7 +141,10 @@ class Intake:
         deferred: list[InFlight] = []
         blocked: set[Mode] = set()
         self.batch_due = None
-        while len(blocked) < len(self.modes) and (inflight := self.backlog.next_ready(now)) is not None:
+        # Only the kinds of task that have messages waiting: once they all found no worker, the
+        # rest of the backlog need not be looked at (it was: every pass walked all of it).
+        waiting = {Mode.ASYNC if self.options_of(task).is_async else Mode.SYNC for task in self.backlog.waiting_tasks}
+        while not waiting <= blocked and (inflight := self.backlog.next_ready(now)) is not None:
             try:
                 if self.settler.lapsed(inflight, now):
                     self.backlog.finished(inflight)  # it never ran: frees its key and bytes

@@ -133,3 +133,39 @@ def test_byte_budget_limits_what_runs_but_never_starves_a_big_message():
     backlog.released(small)
     backlog.released(big)
     assert backlog.next_ready(0.0) is other and backlog.held_bytes == 100
+
+
+def test_backlog_counts_waiting_messages_per_task_through_every_way_in_and_out():
+    """`waiting_tasks` (which kinds of task a dispatch pass looks for) always matches the queue."""
+    import collections
+    import random
+
+    rng = random.Random(7)
+    backlog = Backlog(ordered=True)
+    backlog.task_caps["capped"] = 2
+    serial = 0
+    for _ in range(3000):
+        op = rng.choice(["enqueue", "enqueue", "next", "batch", "unget", "hold_key", "take_where", "finish", "take_all"])
+        if op == "enqueue":
+            serial += 1
+            m = InFlight(
+                f"ack{serial}",
+                Message(f"m{serial}", b"x", {}, None, None, rng.choice(["", "A", "B"]), "s"),
+                rng.choice(["t", "u", "capped"]),
+                1,
+                0.0,
+            )
+            backlog.enqueue(m)
+        elif op == "next" and (m := backlog.next_ready(0.0)) is not None:
+            backlog.finished(m) if rng.random() < 0.5 else backlog.unget([m])
+        elif op == "batch":
+            taken = backlog.take_batch(rng.choice(["t", "u"]), rng.randint(0, 4), 0.0)
+            backlog.unget(taken) if rng.random() < 0.5 else [backlog.finished(m) for m in taken]
+        elif op == "hold_key":
+            backlog.hold_key(rng.choice(["A", "B"]), until=0.0)
+        elif op == "take_where":
+            backlog.take_where(lambda m: m.message.message_id.endswith("3"))
+        elif op == "take_all" and rng.random() < 0.05:
+            backlog.take_all()
+        assert backlog.waiting_tasks == collections.Counter(m.task for m in backlog.waiting), op
+    assert serial > 500
