@@ -10,6 +10,7 @@ them all, however many messages are in flight.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from collections.abc import Iterable
 
 
@@ -32,7 +33,11 @@ class LeaseSchedule:
         self._renew_fraction = renew_fraction
         self._batch_fraction = batch_fraction
         self._leases: dict[str, Lease] = {}
-        self._next_due: float | None = None  # cached: None = recompute
+        # (renewal due, ack id), pruned lazily: an entry whose lease is gone or was renewed since is
+        # dropped when it reaches the top. The loop asks for the next due time on every pass, and
+        # the earliest lease is the one acked first, so a cached minimum was recomputed over every
+        # lease on nearly every pass (O(n) per message, n = leases held).
+        self._heap: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -42,27 +47,28 @@ class LeaseSchedule:
 
     def add(self, ack_id: str, now: float, deadline: float) -> None:
         """A message arrived at ``now`` holding the subscription's ``deadline``."""
-        self._leases[ack_id] = Lease(ack_id, now, deadline)
-        due = now + deadline * self._renew_fraction
-        if self._next_due is not None and due < self._next_due:
-            self._next_due = due
-        elif len(self._leases) == 1:
-            self._next_due = due
+        lease = self._leases[ack_id] = Lease(ack_id, now, deadline)
+        heapq.heappush(self._heap, (self._due(lease), ack_id))
+
+    def _due(self, lease: Lease) -> float:
+        return lease.extended_at + lease.deadline * self._renew_fraction
 
     def remove(self, ack_id: str) -> None:
         """The message was acked or nacked: its lease no longer matters."""
-        lease = self._leases.pop(ack_id, None)
-        if lease is not None and self._next_due is not None:
-            if lease.extended_at + lease.deadline * self._renew_fraction <= self._next_due:
-                self._next_due = None  # it was the earliest: recompute when asked
+        self._leases.pop(ack_id, None)
+        if not self._leases:
+            self._heap.clear()
 
     def next_due(self) -> float | None:
         """Monotonic time of the next renewal, or None when nothing is leased."""
-        if not self._leases:
-            return None
-        if self._next_due is None:
-            self._next_due = min(lease.extended_at + lease.deadline * self._renew_fraction for lease in self._leases.values())
-        return self._next_due
+        heap = self._heap
+        while heap:
+            due, ack_id = heap[0]
+            lease = self._leases.get(ack_id)
+            if lease is not None and self._due(lease) == due:
+                return due
+            heapq.heappop(heap)  # acked, nacked, or renewed since (its new entry is further down)
+        return None
 
     def due(self, now: float) -> list[str]:
         """Ack ids to renew at ``now``: empty unless some lease is due, then its whole cohort."""
@@ -78,7 +84,7 @@ class LeaseSchedule:
             if lease is not None:
                 lease.extended_at = now
                 lease.deadline = self.ack_deadline
-        self._next_due = None
+                heapq.heappush(self._heap, (self._due(lease), ack_id))
 
     def expires_at(self, ack_id: str) -> float | None:
         """When the lease of ``ack_id`` runs out, as far as we asked for; None if not held."""

@@ -61,3 +61,35 @@ def test_fractions_are_validated():
 
     with pytest.raises(ValueError):
         LeaseSchedule(10, renew_fraction=0.5, batch_fraction=0.6)
+
+
+def test_next_due_is_always_the_earliest_renewal_of_the_leases_held():
+    """Checked against the minimum over every lease, through adds, removals (acks, mostly oldest
+    first) and renewals with a changing deadline, at a fake clock."""
+    import random
+
+    rng = random.Random(3)
+    leases = LeaseSchedule(ack_deadline=10)
+    held: dict[str, tuple[float, float]] = {}  # ack id -> (extended at, deadline)
+    now, serial = 0.0, 0
+    for _ in range(5000):
+        now += rng.random()
+        op = rng.random()
+        if op < 0.4:
+            serial += 1
+            deadline = rng.choice([10, 60])
+            leases.add(f"a{serial}", now, deadline)
+            held[f"a{serial}"] = (now, deadline)
+        elif op < 0.8 and held:
+            ack_id = next(iter(held)) if rng.random() < 0.8 else rng.choice(list(held))
+            leases.remove(ack_id)
+            del held[ack_id]
+        elif held:
+            leases.ack_deadline = rng.choice([10, 30])
+            renewed = leases.due(now) or rng.sample(list(held), min(3, len(held)))
+            leases.renewed(renewed, now)
+            for ack_id in renewed:
+                held[ack_id] = (now, leases.ack_deadline)
+        expected = min((at + deadline * 0.6 for at, deadline in held.values()), default=None)
+        assert leases.next_due() == expected
+    assert serial > 1000
