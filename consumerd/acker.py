@@ -37,13 +37,14 @@ class Acker:
         backoff: Backoff = Backoff(base=0.1, cap=5.0),
         give_up_after: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
-        linger: float = 0.1,
+        linger: float = 0.25,
         max_batch: int = 1000,
     ) -> None:
         # Seconds to wait for more requests before sending: fewer, fuller RPCs. At 100 msg/s of 20 ms
         # tasks, 0.02 s sent 2.5 acks per RPC; 0.1 s halved the emulator's CPU per message and cut the
-        # supervisor's by ~6 % (bench A/B). An ack 100 ms later holds a lease 100 ms longer; a drain's
-        # flush() does not wait for it.
+        # supervisor's by ~6 %; 0.25 s cut ack RPCs from ~130 to ~43 per 1,000 messages and the
+        # emulator's CPU by another ~35 % (bench A/Bs). An ack 250 ms later holds a lease 250 ms
+        # longer; a drain's flush() does not wait for it.
         self._linger = linger
         self._max_batch = max_batch
         self._ack = ack
@@ -55,6 +56,9 @@ class Acker:
         self._queue: queue.SimpleQueue[_Request | threading.Event | None] = queue.SimpleQueue()
         self._pending: dict[str, tuple[int, float]] = {}  # ack id -> (seconds, first queued at)
         self._flush_waiters: list[threading.Event] = []
+        self._hurry = threading.Event()  # cuts a linger short: a flush, a stop, a full batch
+        self._count_lock = threading.Lock()
+        self._queued_ids = 0  # ack ids put since the linger's clock was reset
         self._thread = threading.Thread(target=self._run, name="consumerd-acker", daemon=True)
         self.stats = {"acked": 0, "nacked": 0, "extended": 0, "dropped": 0, "rpc_failures": 0, "ack_id_failures": 0}
         self.log = get_logger("consumerd.acker")
@@ -71,15 +75,21 @@ class Acker:
     def _put(self, ack_ids: Sequence[str], seconds: int) -> None:
         if ack_ids:
             self._queue.put(_Request(tuple(ack_ids), seconds))
+            with self._count_lock:
+                self._queued_ids += len(ack_ids)
+                if self._queued_ids >= self._max_batch:
+                    self._hurry.set()  # a full RPC's worth is waiting: send it now
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued before this call was sent (or given up); False on timeout."""
         done = threading.Event()
         self._queue.put(done)
+        self._hurry.set()
         return done.wait(timeout)
 
     def stop(self) -> None:
         self._queue.put(None)
+        self._hurry.set()
 
     def _run(self) -> None:
         failures = 0
@@ -98,30 +108,36 @@ class Acker:
         """Merge queued requests into pending; False when told to stop.
 
         With nothing pending it blocks for the first request, then lingers briefly for more so
-        that acks of tasks finishing close together share one RPC.
+        that acks of tasks finishing close together share one RPC. It lingers on `_hurry`, not on
+        the queue: a request that arrives meanwhile does not wake this thread (one wake-up per RPC,
+        not per message, and no GIL hand-off in the supervisor's loop for each ack).
         """
         block = not self._pending or wait is not None
+        with self._count_lock:
+            self._hurry.clear()  # before the get: a flush, a stop or a full batch from now on cuts the linger short
+            self._queued_ids = 0
         try:
-            request = self._queue.get(timeout=wait) if block else self._queue.get_nowait()
+            first = self._queue.get(timeout=wait) if block else self._queue.get_nowait()
         except queue.Empty:
             return True
-        linger_until = time.monotonic() + self._linger
-        while True:
+        if isinstance(first, _Request):
+            self._hurry.wait(self._linger)
+        for request in [first, *self._drain()]:
             if request is None:
                 return False
             if isinstance(request, threading.Event):
                 self._flush_waiters.append(request)
-                linger_until = 0.0  # someone waits for the flush: send now
             else:
                 self._merge(request)
-            remaining = linger_until - time.monotonic()
+        return True
+
+    def _drain(self) -> list[_Request | threading.Event | None]:
+        out = []
+        while True:
             try:
-                if remaining > 0 and len(self._pending) < self._max_batch:
-                    request = self._queue.get(timeout=remaining)
-                else:
-                    request = self._queue.get_nowait()
+                out.append(self._queue.get_nowait())
             except queue.Empty:
-                return True
+                return out
 
     def _merge(self, request: _Request) -> None:
         now = self._clock()

@@ -117,3 +117,37 @@ def test_exactly_once_failures_are_handled_per_ack_id():
     assert acker.flush(5)
     assert calls == [["bad", "good", "later"], ["later"]]  # only the transient one is sent again
     assert acker.stats["acked"] == 2 and acker.stats["dropped"] == 1 and acker.stats["ack_id_failures"] == 2
+
+
+def test_acks_within_the_linger_share_one_rpc_and_a_flush_cuts_the_linger_short():
+    rpc = FakeRpc()
+    acker = make(rpc, linger=60.0)  # without the cut, flush(5) would time out
+    for ack_id in "abc":
+        acker.ack([ack_id])
+    assert acker.flush(5)
+    assert rpc.calls == [("ack", ("a", "b", "c"))]
+
+
+def test_a_full_batch_is_sent_without_waiting_for_the_linger():
+    rpc = FakeRpc()
+    sent = threading.Event()
+
+    def ack(ids):
+        rpc.ack(ids)
+        sent.set()
+
+    acker = Acker(ack, rpc.modack, lambda e: False, linger=60.0, max_batch=3)
+    acker.start()
+    for ack_id in "abc":
+        acker.ack([ack_id])
+    assert sent.wait(5), "three queued requests (max_batch) did not go before the 60 s linger"
+    assert sorted(ack for call in rpc.calls for ack in call[1]) == ["a", "b", "c"]
+
+
+def test_stop_during_a_linger_ends_the_thread_at_once():
+    rpc = FakeRpc()
+    acker = make(rpc, linger=60.0)
+    acker.ack(["a"])
+    acker.stop()
+    acker._thread.join(5)
+    assert not acker._thread.is_alive()
