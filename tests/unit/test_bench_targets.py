@@ -1,6 +1,6 @@
 """The bench's paired targets: a ratio is taken within one repetition, then the median over them."""
 
-from bench.__main__ import _share_of_ceiling, _share_of_cores, paired
+from bench.targets import _share_of_ceiling, _share_of_cores, paired
 
 
 def run(rep, contender, workload, throughput, task_cpu_ms=None):
