@@ -151,9 +151,9 @@ def test_empty_unknown_task_messages_with_a_stuck_dead_letter_publish_stay_bound
         offered += n
     forwarding = len(h.sup.settler.forwarding)
     assert offered < 2000 and forwarding == offered == len(h.components.forwarder.letters)
-    # what two workers hold (a job running and 16 short ones queued behind it) + the prefetch ceiling
-    assert h.sup.intake.worker_capacity() == 17
-    assert forwarding <= 2 * 17 + 100
+    # what two workers hold (a job running and 64 short ones queued behind it) + the prefetch ceiling
+    assert h.sup.intake.worker_capacity() == 65
+    assert forwarding <= 2 * 65 + 100
     for _ in range(100):
         h.clock.advance(1)
         h.sup.tick()

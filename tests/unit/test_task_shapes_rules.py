@@ -173,15 +173,18 @@ def test_a_busy_sync_worker_is_refilled_in_bulk_many_jobs_to_a_frame(tmp_path, w
     from tests.unit.fakes import Harness, write_config
 
     intake = Harness(write_config(tmp_path / "c.toml", "[workers]\nconcurrency = 1\n")).sup.intake
-    intake.task_seconds.add(0.0001)  # 0.1 ms tasks: 16 queued behind the running one
-    assert intake.queue_depth() == 16
+    intake.task_seconds.add(0.0001)  # 0.1 ms tasks: 64 queued behind the running one
+    assert intake.queue_depth() == 64
     pool = Pool(ForkServerSpec((), (), "json", "info", 0), 1, forget=lambda sock: None)
     pool.workers[worker.pid] = worker
     hold(worker, list(range(1, 11)), Mode.SYNC, now=0.0)  # one call of 10 messages: 1 unit
-    for seq in range(11, 20):
-        hold(worker, [seq], Mode.SYNC, now=0.0)  # 9 more: 10 units, room for 7 of 17
+    for seq in range(11, 50):
+        hold(worker, [seq], Mode.SYNC, now=0.0)  # 39 more: 40 units, room for 25 of 65
     assert intake.pick(pool, Mode.SYNC, set()) is None  # not yet: wait until half the queue is free
-    worker.release(11, now=1.0)  # 9 units: room for 8
+    for seq in range(11, 17):
+        worker.release(seq, now=1.0)  # 34 units: room for 31
+    assert intake.pick(pool, Mode.SYNC, set()) is None
+    worker.release(17, now=1.0)  # 33 units: room for 32, half of 65
     assert intake.pick(pool, Mode.SYNC, set()) is worker
     assert intake.pick(pool, Mode.ASYNC, set()) is None  # it runs sync jobs
 
