@@ -93,3 +93,16 @@ def test_next_due_is_always_the_earliest_renewal_of_the_leases_held():
         expected = min((at + deadline * 0.6 for at, deadline in held.values()), default=None)
         assert leases.next_due() == expected
     assert serial > 1000
+
+
+def test_acked_leases_below_a_long_lived_one_do_not_pile_up():
+    """A task holding the earliest lease while thousands of others are acked: the schedule's
+    memory stays proportional to the leases held, not to the messages seen."""
+    leases = LeaseSchedule(ack_deadline=60)
+    leases.add("long", 0.0, 60)
+    for i in range(10_000):
+        leases.add(f"a{i}", 1.0 + i / 1000, 60)
+        leases.remove(f"a{i}")
+        assert leases.next_due() == 36.0  # the long-lived lease stays the next renewal
+    assert len(leases) == 1
+    assert len(leases._heap) <= 2 * len(leases) + 64
