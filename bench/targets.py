@@ -31,12 +31,13 @@ def paired(records: list[dict], ratio: Callable[[list[dict]], float | None]) -> 
 
 
 def _best_of(runs: list[dict], workload: str) -> float:
+    """The best consumerd throughput on ``workload``, over runs or summary rows alike (same keys)."""
     return max((r["throughput"] for r in runs if r["contender"].startswith("consumerd") and r["workload"] == workload), default=0.0)
 
 
 def _share_of_ceiling(workload: str) -> Callable[[list[dict]], float | None]:
     def ratio(runs: list[dict]) -> float | None:
-        ceiling = next((r["throughput"] for r in runs if r["contender"] == "ceiling"), 0.0)
+        ceiling = _throughput(runs, "ceiling", "noop")
         return _best_of(runs, workload) / ceiling if ceiling else None
 
     return ratio
@@ -54,7 +55,7 @@ def _share_of_cores(contender: str, cores: int) -> Callable[[list[dict]], float 
 
 def targets(summary: list[dict], scaling: list[dict], idle: dict, lease: dict, cores: int, records: list[dict]) -> list[dict]:
     def best(workload: str) -> float:
-        return max((s["throughput"] for s in summary if s["contender"].startswith("consumerd") and s["workload"] == workload), default=0.0)
+        return _best_of(summary, workload)
 
     cpu_share, cpu_reps = paired(records, _share_of_cores(f"consumerd c={cores} mtpc=0", cores))
     noop_share, noop_reps = paired(records, _share_of_ceiling("noop"))
