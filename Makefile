@@ -94,7 +94,7 @@ lock:
 	  --output-file deploy/requirements.lock pyproject.toml
 
 run: venv emulator
-	$(PY) -m consumerd.devrun --config config/dev.toml
+	$(PY) -m consumerd.testing.devrun --config config/dev.toml
 
 # The system tests (guests booting, apt, a fleet) mostly wait, and so do the integration tests: they
 # run side by side, each suite in order (guests share this machine's loopback: one at a time).

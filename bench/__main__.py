@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.runner import Run, Runner
 from bench.targets import targets
 from bench.tasks import calibrate
-from consumerd.emulator import Emulator
+from consumerd.testing.emulator import Emulator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

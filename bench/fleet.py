@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from bench.runner import create_subscription
+from consumerd.adapters.pubsub.client import PubSub
 from consumerd.config import PubSubSettings
-from consumerd.emulator import Emulator
-from consumerd.pubsub import PubSub
+from consumerd.testing.emulator import Emulator
 from harness.daemon import PROJECT, REPO
 from tests.support.pubsub import toml
 from tests.system.conftest import Guest

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.tasks import WORKLOADS
+from consumerd.adapters.pubsub.client import PubSub
 from consumerd.config import PubSubSettings
-from consumerd.pubsub import PubSub
 from harness.daemon import Daemon
 from harness.procinfo import status_kb
 

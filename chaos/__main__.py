@@ -24,9 +24,9 @@ from collections import Counter
 from pathlib import Path
 
 from chaos.tasks import FATES_OF, SHAPES
+from consumerd.adapters.pubsub.client import PubSub
 from consumerd.config import PubSubSettings
-from consumerd.emulator import Emulator
-from consumerd.pubsub import PubSub
+from consumerd.testing.emulator import Emulator
 from harness.daemon import Daemon
 from harness.procinfo import alive
 

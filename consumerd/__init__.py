@@ -2,12 +2,12 @@
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import PayloadError, Reject, Retry, TaskCancelled
-from .message import Message
+from consumerd.errors import PayloadError, Reject, Retry, TaskCancelled
+from consumerd.message import Message
 
 if TYPE_CHECKING:
-    from .batch import BatchResult
-    from .registry import on_worker_start, on_worker_stop, task
+    from consumerd.worker.batch import BatchResult
+    from consumerd.worker.registry import on_worker_start, on_worker_stop, task
 
 __version__ = "0.2.0"
 __all__ = [
@@ -28,11 +28,11 @@ def __getattr__(name: str) -> Any:
     # `task` (the registry) is loaded on first use: task modules import it in the fork server, while
     # the supervisor, which only imports `consumerd.*` internals, never loads the registry at all.
     if name in ("task", "on_worker_start", "on_worker_stop"):
-        from . import registry
+        from consumerd.worker import registry
 
         return getattr(registry, name)
     if name == "BatchResult":
-        from .batch import BatchResult
+        from consumerd.worker.batch import BatchResult
 
         return BatchResult
     raise AttributeError(f"module 'consumerd' has no attribute {name!r}")

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import Settings, config_path, load_settings
-from .errors import ConfigError, ConsumerdError, ExitCode
-from .limits import check_concurrency, raise_nofile
-from .logsetup import configure_logging, get_logger
-from .sandbox import credentials_exposure, make_undumpable
+from consumerd import __version__
+from consumerd.config import Settings, config_path, load_settings
+from consumerd.errors import ConfigError, ConsumerdError, ExitCode
+from consumerd.logsetup import configure_logging, get_logger
+from consumerd.pool.sandbox import credentials_exposure, make_undumpable
+from consumerd.supervisor.descriptors import check_concurrency, raise_nofile
 
 DEFAULT_SOCKET = "/run/consumerd/control.sock"  # RuntimeDirectory=consumerd in the unit
 
@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> ExitCode:
     warn_if_tasks_can_read_the_key(settings, log)
     if not make_undumpable():  # task code (same user) must not read our memory or environment
         log.warning("daemon.dumpable", detail="prctl(PR_SET_DUMPABLE, 0) failed: same-user processes can read this one's memory")
-    from .supervisor import (
+    from consumerd.supervisor.loop import (
         Supervisor,  # imports grpc: only for the commands that talk to Pub/Sub
     )
 
@@ -181,7 +181,7 @@ def cmd_check_config(args: argparse.Namespace) -> ExitCode:
 
 def _import_in_child(settings: Settings) -> list[str]:
     """Import the task modules in a fork server, as `run` does: none of the user's code runs here."""
-    from .pool import Pool, fork_server_spec
+    from consumerd.pool.pool import Pool, fork_server_spec
 
     pool = Pool(fork_server_spec(settings), 0, forget=lambda _sock: None)
     try:
@@ -191,7 +191,7 @@ def _import_in_child(settings: Settings) -> list[str]:
 
 
 def cmd_tasks(args: argparse.Namespace) -> ExitCode:
-    from .registry import load_task_modules
+    from consumerd.worker.registry import load_task_modules
 
     settings, _ = _settings(args, file_required=True)
     registry = load_task_modules(settings.tasks.modules)
@@ -205,7 +205,7 @@ def cmd_tasks(args: argparse.Namespace) -> ExitCode:
 
 
 def cmd_control(args: argparse.Namespace) -> ExitCode:
-    from .control import request
+    from consumerd.control.server import request
 
     path = args.socket or _control_socket(args)
     try:
@@ -266,7 +266,7 @@ def cmd_publish(args: argparse.Namespace) -> ExitCode:
     if args.count < 1:
         raise ConfigError("--count must be at least 1")
     _require_project(settings, args.topic)
-    from .pubsub import PubSub
+    from consumerd.adapters.pubsub.client import PubSub
 
     adapter = PubSub(settings.pubsub)
     publisher = adapter.batch_publisher()
@@ -285,7 +285,7 @@ def cmd_setup(args: argparse.Namespace) -> ExitCode:
         raise ConfigError(f"--ack-deadline must be 10..600 seconds, got {args.ack_deadline}")
     if args.dead_letter_topic and not 5 <= args.max_delivery_attempts <= 100:
         raise ConfigError("--max-delivery-attempts must be 5..100 with --dead-letter-topic")
-    from .pubsub import PubSub
+    from consumerd.adapters.pubsub.client import PubSub
 
     adapter = PubSub(settings.pubsub)
     pubsub = settings.pubsub

@@ -13,7 +13,7 @@ from typing import Literal, TextIO
 
 import structlog
 
-from .journal import JournalHandler, JournalLogger, JournalSender, stdout_is_journal
+from consumerd.adapters.journal import JournalHandler, JournalLogger, JournalSender, stdout_is_journal
 
 LogFormat = Literal["auto", "json", "console"]
 

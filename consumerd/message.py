@@ -9,7 +9,7 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import PayloadError
+from consumerd.errors import PayloadError
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from consumerd.emulator import Emulator, EmulatorError, sdk_root  # noqa: E402
+from consumerd.testing.emulator import Emulator, EmulatorError, sdk_root  # noqa: E402
 from harness.daemon import NotifySocket  # noqa: E402
 from harness.tlsproxy import ProductionPath  # noqa: E402
 from tests.support.pubsub import Broker, Ledger  # noqa: E402

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from consumerd.emulator import Emulator
+from consumerd.testing.emulator import Emulator
 from harness.daemon import Daemon, daemon_env
 from tests.support.pubsub import toml
 

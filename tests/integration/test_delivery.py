@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
+from consumerd.adapters.pubsub.client import PubSub
 from consumerd.config import PubSubSettings
-from consumerd.pubsub import PubSub
 from harness.daemon import PROJECT
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from consumerd.emulator import free_port
+from consumerd.testing.emulator import free_port
 from harness.daemon import REPO, NotifySocket, daemon_env
 from harness.procinfo import alive, descendants, status_kb
 

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from consumerd.emulator import free_port
+from consumerd.testing.emulator import free_port
 from harness.daemon import REPO
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import consumerd
-from consumerd.emulator import Emulator
+from consumerd.testing.emulator import Emulator
 from harness.daemon import REPO
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from consumerd.emulator import Emulator
+from consumerd.testing.emulator import Emulator
 from tests.support.pubsub import Broker
 
 pytestmark = pytest.mark.integration

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from consumerd.backlog import InFlight
-from consumerd.handles import Mode
+from consumerd.ipc.records import ForkServerSpec, Outcome
 from consumerd.message import Message
-from consumerd.pool import KillReason, Pool, WorkerExited, WorkerResult, WorkerStarted
-from consumerd.protocol import ForkServerSpec, Outcome
+from consumerd.policy.backlog import InFlight
+from consumerd.pool.handles import Mode
+from consumerd.pool.pool import KillReason, Pool, WorkerExited, WorkerResult, WorkerStarted
 
 pytestmark = pytest.mark.integration
 

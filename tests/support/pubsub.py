@@ -10,8 +10,8 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 
+from consumerd.adapters.pubsub.client import PubSub
 from consumerd.config import PubSubSettings
-from consumerd.pubsub import PubSub
 from harness.daemon import PROJECT
 
 _names = itertools.count(1)

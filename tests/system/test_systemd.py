@@ -90,7 +90,7 @@ def test_journal_holds_native_fields(guest, service, broker):
 
 def test_journald_takes_an_entry_larger_than_a_datagram_through_a_memfd(guest):
     fields = "{'MESSAGE': 'memfd probe', 'SYSLOG_IDENTIFIER': 'consumerd-probe', **{f'PROBE_F{i}': str(i) * 60000 for i in range(6)}}"
-    code = f"from consumerd.journal import JournalSender; s = JournalSender(); assert s.send({fields}) and not s.dropped"
+    code = f"from consumerd.adapters.journal import JournalSender; s = JournalSender(); assert s.send({fields}) and not s.dropped"
     guest.sh(f'/opt/consumerd/bin/python -c "{code}"')
     deadline = time.monotonic() + 20
     while not (out := guest.sh("journalctl -t consumerd-probe -o json --all --no-pager", check=False).stdout.strip()):

@@ -12,16 +12,16 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from consumerd.backlog import InFlight
-from consumerd.components import IoThreads
+from consumerd.adapters.pubsub.client import Received, RpcCounter, SubscriptionInfo
+from consumerd.adapters.pubsub.puller import PullResult
 from consumerd.config import load_settings
-from consumerd.handles import Lost, Slot, outcome_of
+from consumerd.ipc.records import Outcome, Result, TaskOptions
 from consumerd.message import Message
-from consumerd.pool import KillReason, RunningJob, WorkerExited, WorkerResult
-from consumerd.protocol import Outcome, Result, TaskOptions
-from consumerd.pubsub import Received, RpcCounter, SubscriptionInfo
-from consumerd.puller import PullResult
-from consumerd.supervisor import State, Supervisor
+from consumerd.policy.backlog import InFlight
+from consumerd.pool.handles import Lost, Slot, outcome_of
+from consumerd.pool.pool import KillReason, RunningJob, WorkerExited, WorkerResult
+from consumerd.supervisor.components import IoThreads
+from consumerd.supervisor.loop import State, Supervisor
 
 TASKS = ("ok", "slow")
 

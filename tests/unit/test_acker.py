@@ -2,8 +2,8 @@
 
 import threading
 
-from consumerd.acker import Acker
-from consumerd.backoff import Backoff
+from consumerd.adapters.pubsub.acker import Acker
+from consumerd.policy.backoff import Backoff
 
 
 class Transient(Exception):

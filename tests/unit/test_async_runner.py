@@ -9,12 +9,12 @@ import socket
 
 import pytest
 
-from consumerd import asyncrun
-from consumerd.asyncrun import AsyncRunner
-from consumerd.channel import encode_units, job_reader, result_reader
+from consumerd.ipc.framing import encode_units, job_reader, result_reader
+from consumerd.ipc.records import BatchJob, Job, Outcome, Result
 from consumerd.message import Message
-from consumerd.protocol import BatchJob, Job, Outcome, Result
-from consumerd.registry import Registry
+from consumerd.worker import coroutines as asyncrun
+from consumerd.worker.coroutines import AsyncRunner
+from consumerd.worker.registry import Registry
 
 
 class Log:

@@ -140,8 +140,8 @@ def test_credentials_resolve_against_systemd_credentials_directory(tmp_path, mon
 
 
 def test_the_endpoint_is_host_and_port_and_reaches_the_channel(tmp_path, monkeypatch):
+    from consumerd.adapters.pubsub.client import PubSub, SubscriberGrpcTransport
     from consumerd.config import PubSubSettings
-    from consumerd.pubsub import PubSub, SubscriberGrpcTransport
 
     monkeypatch.delenv("PUBSUB_EMULATOR_HOST", raising=False)
     for bad in ("pubsub.googleapis.com", "https://pubsub.googleapis.com:443", "host:0", "a b:443"):
@@ -149,8 +149,8 @@ def test_the_endpoint_is_host_and_port_and_reaches_the_channel(tmp_path, monkeyp
             PubSubSettings(endpoint=bad)
     settings = PubSubSettings(project="p", endpoint="europe-west1-pubsub.googleapis.com:443")
     seen = {}
-    monkeypatch.setattr("consumerd.credentials.load", lambda path, scopes: "creds")
-    monkeypatch.setattr("consumerd.credentials.channel_credentials", lambda creds, scopes, host: (f"tls+{creds}", None))
+    monkeypatch.setattr("consumerd.adapters.pubsub.credentials.load", lambda path, scopes: "creds")
+    monkeypatch.setattr("consumerd.adapters.pubsub.credentials.channel_credentials", lambda creds, scopes, host: (f"tls+{creds}", None))
     monkeypatch.setattr("grpc.secure_channel", lambda target, tls, options: seen.update(target=target, tls=tls) or "channel")
     assert PubSub(settings)._channel(SubscriberGrpcTransport) == "channel"
     assert seen == {"target": "europe-west1-pubsub.googleapis.com:443", "tls": "tls+creds"}

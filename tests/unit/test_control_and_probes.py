@@ -8,9 +8,9 @@ import socket
 
 import pytest
 
-from consumerd.control import MAX_REQUEST, ControlServer, request
+from consumerd.adapters.prometheus import HEALTHY_WITHIN, Health
+from consumerd.control.server import MAX_REQUEST, ControlServer, request
 from consumerd.errors import ConfigError
-from consumerd.metrics import HEALTHY_WITHIN, Health
 
 
 def test_health_and_readiness_from_the_published_snapshot():

@@ -2,7 +2,7 @@
 
 import json
 
-from consumerd.deadletter import FOLDED, MAX_ATTRIBUTES, MAX_VALUE_BYTES, copy_attributes, copy_size, cut_utf8
+from consumerd.policy.deadletter import FOLDED, MAX_ATTRIBUTES, MAX_VALUE_BYTES, copy_attributes, copy_size, cut_utf8
 
 OURS = {
     "consumerd_error": "ValueError: " + "é" * 2000,  # 4,000+ bytes of non-ASCII: cut by bytes, not characters

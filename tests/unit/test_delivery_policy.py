@@ -2,12 +2,12 @@
 
 import pytest
 
-from consumerd import delivery
-from consumerd.backlog import Backlog, InFlight
-from consumerd.delivery import Decision, RetryPolicy, decide
-from consumerd.histogram import Histogram
+from consumerd.ipc.records import Outcome
 from consumerd.message import Message
-from consumerd.protocol import Outcome
+from consumerd.policy import delivery
+from consumerd.policy.backlog import Backlog, InFlight
+from consumerd.policy.delivery import Decision, RetryPolicy, decide
+from consumerd.policy.histogram import Histogram
 
 POLICY = RetryPolicy(min_backoff=10, max_backoff=600)
 

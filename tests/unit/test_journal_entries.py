@@ -8,7 +8,7 @@ import os
 import socket
 import struct
 
-from consumerd.journal import MAX_FIELD, JournalSender
+from consumerd.adapters.journal import MAX_FIELD, JournalSender
 
 
 def parse(data: bytes) -> dict[str, bytes]:

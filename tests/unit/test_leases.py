@@ -1,4 +1,4 @@
-from consumerd.leases import LeaseSchedule
+from consumerd.policy.leases import LeaseSchedule
 
 
 def test_nothing_due_until_renew_fraction_of_the_deadline():

@@ -3,10 +3,10 @@ import pickle
 
 import pytest
 
-from consumerd.channel import encode_result, encode_units, frame, job_reader, result_reader
 from consumerd.errors import PayloadError, Reject, WorkerProtocolError
+from consumerd.ipc.framing import encode_result, encode_units, frame, job_reader, result_reader
+from consumerd.ipc.records import Job, Outcome, Result
 from consumerd.message import Message
-from consumerd.protocol import Job, Outcome, Result
 
 
 def make(data: bytes = b'{"a": 1}', **attributes: str) -> Message:

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from consumerd.systemd import Notifier
+from consumerd.adapters.systemd import Notifier
 from harness.daemon import NotifySocket
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from consumerd.backoff import Backoff
-from consumerd.flow import pull_size
+from consumerd.policy.backoff import Backoff
+from consumerd.policy.flow import pull_size
 
 
 def test_backoff_ceiling_doubles_then_caps():
@@ -36,7 +36,7 @@ def test_pull_size(concurrency, busy, buffered, requested, prefetch, expected):
 
 
 def test_prefetch_holds_only_what_the_pool_starts_within_the_horizon():
-    from consumerd.flow import prefetch_allowance
+    from consumerd.policy.flow import prefetch_allowance
 
     assert prefetch_allowance(4, None) == 0  # nothing known yet: hold nothing extra
     assert prefetch_allowance(4, 0.001) == 100  # very short tasks: capped at one pull
@@ -47,7 +47,7 @@ def test_prefetch_holds_only_what_the_pool_starts_within_the_horizon():
 
 
 def test_ewma_follows_samples():
-    from consumerd.flow import Ewma
+    from consumerd.policy.flow import Ewma
 
     ewma = Ewma(alpha=0.5)
     assert ewma.value is None

@@ -11,8 +11,7 @@ import textwrap
 import pytest
 
 from consumerd.errors import WorkerProtocolError
-from consumerd.pool import ForkServerDied, Pool
-from consumerd.protocol import (
+from consumerd.ipc.records import (
     MAX_ERROR_CHARS,
     Exited,
     Outcome,
@@ -25,6 +24,7 @@ from consumerd.protocol import (
     decode_control,
     encode_control,
 )
+from consumerd.pool.pool import ForkServerDied, Pool
 
 
 class Boom:
@@ -104,8 +104,8 @@ def test_a_spawned_packet_arriving_without_its_descriptor_is_a_fork_server_error
     child = textwrap.dedent(
         """
         import os, resource, socket, sys
-        from consumerd.pool import ForkServerDied, Pool
-        from consumerd.protocol import Spawned, encode_control
+        from consumerd.pool.pool import ForkServerDied, Pool
+        from consumerd.ipc.records import Spawned, encode_control
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         r, w = os.pipe()
         socket.send_fds(theirs, [encode_control(Spawned(1, 99))], [r])
@@ -132,8 +132,14 @@ def test_a_spawned_packet_arriving_without_its_descriptor_is_a_fork_server_error
 
 
 def test_the_supervisor_process_never_imports_task_or_worker_code():
-    probe = "import sys, consumerd.cli, consumerd.supervisor; print(sorted(m for m in sys.modules if m.startswith('consumerd')))"
+    probe = "import sys, consumerd.cli, consumerd.supervisor.loop; print(sorted(m for m in sys.modules if m.startswith('consumerd')))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
     loaded = set(eval(out))
-    assert {"consumerd.supervisor", "consumerd.pool"} <= loaded
-    assert not loaded & {"consumerd.forkserver", "consumerd.worker", "consumerd.registry", "consumerd.asyncrun", "consumerd.batch"}
+    assert {"consumerd.supervisor.loop", "consumerd.pool.pool"} <= loaded
+    assert not loaded & {
+        "consumerd.worker.forkserver",
+        "consumerd.worker.child",
+        "consumerd.worker.registry",
+        "consumerd.worker.coroutines",
+        "consumerd.worker.batch",
+    }

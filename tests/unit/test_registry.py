@@ -4,7 +4,7 @@ import textwrap
 import pytest
 
 from consumerd.errors import RegistryError
-from consumerd.registry import REGISTRY, Registry, load_task_modules, task
+from consumerd.worker.registry import REGISTRY, Registry, load_task_modules, task
 
 
 @pytest.fixture

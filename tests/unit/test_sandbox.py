@@ -9,7 +9,7 @@ import pytest
 
 from consumerd.config import load_settings
 from consumerd.errors import ConfigError
-from consumerd.sandbox import task_environment
+from consumerd.pool.sandbox import task_environment
 
 
 def test_the_task_environment_has_no_secrets_and_no_daemon_channels():
@@ -34,7 +34,7 @@ def test_the_task_environment_has_no_secrets_and_no_daemon_channels():
 
 
 def test_the_supervisor_process_becomes_undumpable():
-    code = "import ctypes; from consumerd.sandbox import make_undumpable; assert make_undumpable(); print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"
+    code = "import ctypes; from consumerd.pool.sandbox import make_undumpable; assert make_undumpable(); print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0"  # PR_GET_DUMPABLE
 
@@ -49,7 +49,7 @@ def test_workers_environment_names_are_checked(tmp_path):
 
 
 def test_only_the_load_credential_directory_is_hidden_and_other_keys_are_reported():
-    from consumerd.sandbox import credentials_exposure, hidden_from_tasks
+    from consumerd.pool.sandbox import credentials_exposure, hidden_from_tasks
 
     creds = "/run/credentials/consumerd.service"
     assert hidden_from_tasks({"CREDENTIALS_DIRECTORY": creds}) == (creds,)
@@ -66,7 +66,7 @@ def test_only_the_load_credential_directory_is_hidden_and_other_keys_are_reporte
 
 
 def test_landlock_grants_every_sibling_on_the_way_and_nothing_on_it(tmp_path):
-    from consumerd.landlock import grants
+    from consumerd.adapters.landlock import grants
 
     (tmp_path / "run" / "credentials" / "consumerd.service").mkdir(parents=True)
     (tmp_path / "run" / "credentials" / "other.service").mkdir()
@@ -98,7 +98,7 @@ def test_landlock_hides_a_directory_from_the_process_and_its_children_for_good(t
     (tmp_path / "granted" / "link").symlink_to(secret / "key.json")  # Landlock checks where a path leads
     probe = f"""
 import os, sys
-from consumerd import landlock
+from consumerd.adapters import landlock
 result = landlock.hide([{str(secret)!r}])
 if isinstance(result, landlock.NotHidden):
     print("unsupported", result.reason); sys.exit(0)
@@ -121,7 +121,7 @@ os.wait()
 def test_landlock_hides_nothing_when_the_path_is_missing_and_refuses_to_hide_the_root(tmp_path):
     """A ruleset without rules would make every file unreadable: the fork server could not even import."""
     probe = f"""
-from consumerd import landlock
+from consumerd.adapters import landlock
 print(landlock.hide([{str(tmp_path / "absent")!r}]))
 print(landlock.hide(["/"]))
 print(open({str(__file__)!r}).read(10) != "")

@@ -7,11 +7,11 @@ import signal
 import pytest
 
 from consumerd.errors import ExitCode
-from consumerd.handles import Lost
-from consumerd.intake import MAX_FORWARDING
-from consumerd.pool import KillReason, WorkerExited
-from consumerd.protocol import Outcome, TaskOptions
-from consumerd.supervisor import State
+from consumerd.ipc.records import Outcome, TaskOptions
+from consumerd.pool.handles import Lost
+from consumerd.pool.pool import KillReason, WorkerExited
+from consumerd.supervisor.intake import MAX_FORWARDING
+from consumerd.supervisor.loop import State
 from tests.unit.fakes import Harness, write_config
 
 

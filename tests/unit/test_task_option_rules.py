@@ -2,11 +2,11 @@
 
 import pytest
 
-from consumerd.backlog import Backlog, InFlight
 from consumerd.errors import RegistryError
+from consumerd.ipc.records import TaskOptions
 from consumerd.message import Message
-from consumerd.protocol import TaskOptions
-from consumerd.registry import Registry
+from consumerd.policy.backlog import Backlog, InFlight
+from consumerd.worker.registry import Registry
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,13 @@ import socket
 import pytest
 
 from consumerd import BatchResult, Reject, Retry
-from consumerd.backlog import Backlog, InFlight
-from consumerd.batch import fates
 from consumerd.errors import WorkerProtocolError
-from consumerd.handles import KillReason, Mode, Slot, WorkerHandle, outcome_of
+from consumerd.ipc.records import Job, Outcome
 from consumerd.message import Message
-from consumerd.protocol import Job, Outcome
-from consumerd.registry import REGISTRY, task
+from consumerd.policy.backlog import Backlog, InFlight
+from consumerd.pool.handles import KillReason, Mode, Slot, WorkerHandle, outcome_of
+from consumerd.worker.batch import fates
+from consumerd.worker.registry import REGISTRY, task
 
 
 def msg(i: int, **attributes: str) -> Message:
@@ -168,8 +168,8 @@ def test_a_batch_takes_the_oldest_ready_messages_of_its_task_within_the_cap():
 
 
 def test_a_busy_sync_worker_is_refilled_in_bulk_many_jobs_to_a_frame(tmp_path, worker):
-    from consumerd.pool import Pool
-    from consumerd.protocol import ForkServerSpec
+    from consumerd.ipc.records import ForkServerSpec
+    from consumerd.pool.pool import Pool
     from tests.unit.fakes import Harness, write_config
 
     intake = Harness(write_config(tmp_path / "c.toml", "[workers]\nconcurrency = 1\n")).sup.intake
@@ -190,7 +190,7 @@ def test_a_busy_sync_worker_is_refilled_in_bulk_many_jobs_to_a_frame(tmp_path, w
 
 
 def test_a_worker_that_died_before_a_queued_job_reached_it_is_reported_by_its_exit_status(worker):
-    from consumerd.handles import WorkerExited
+    from consumerd.pool.handles import WorkerExited
 
     exited_1 = 1 << 8  # wait status of exit(1)
     send_failed = WorkerExited(worker, [], [], exited_1, KillReason.SEND_FAILED, "exited with code 1")

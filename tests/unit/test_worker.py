@@ -5,10 +5,10 @@ import datetime
 import pytest
 
 from consumerd.errors import Retry
+from consumerd.ipc.records import MAX_ERROR_CHARS, Job, Outcome, Result
 from consumerd.message import Message
-from consumerd.protocol import MAX_ERROR_CHARS, Job, Outcome, Result
-from consumerd.registry import Registry
-from consumerd.worker import run_job
+from consumerd.worker.child import run_job
+from consumerd.worker.registry import Registry
 from tests.unit.fakes import Log
 
 MSG = Message("m1", b"", {}, datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC), None, "", "s")

@@ -1,0 +1,227 @@
+"""The Prometheus adapter: the daemon's metrics, and the HTTP thread serving /metrics, /healthz, /readyz.
+
+The loop thread updates the metrics (prometheus-client objects: thread-safe, about a microsecond an
+update) and publishes a `Health` snapshot each tick; the HTTP thread only reads. With
+`[metrics] listen = ""` the daemon uses `NullMetrics`: the same methods doing nothing, no thread.
+Task labels come from the registry's names (a bounded set); any other name is labelled `unknown`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from consumerd.errors import ConfigError
+from consumerd.ipc.records import Outcome
+from consumerd.pool.handles import KillReason
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+ATTEMPT_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100)
+STATES = ("starting", "running", "draining", "stopping", "stopped")
+HEALTHY_WITHIN = 5.0  # seconds since the last tick: the loop wakes at least once a second
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """What the probes answer from: published by the loop, read by the HTTP thread."""
+
+    tick_at: float = 0.0  # time.monotonic() of the last tick
+    state: str = "starting"
+    ready: bool = False  # READY was reached
+    paused: bool = False
+    pull_error: str = ""  # the last pull failed with this (empty: it succeeded)
+
+    def live(self, now: float) -> bool:
+        # Start-up (importing task modules, waiting for Pub/Sub) has timeouts of its own.
+        return self.state == "starting" or now - self.tick_at < HEALTHY_WITHIN
+
+    def not_ready_because(self) -> str:
+        """Empty when ready; otherwise a one-line reason."""
+        if not self.ready:
+            return "starting"
+        if self.state != "running":
+            return self.state
+        if self.paused:
+            return "paused"
+        if self.pull_error:
+            return f"Pub/Sub unreachable: {self.pull_error}"
+        return ""
+
+
+class Metrics:
+    def __init__(self, version: str, rpc_counts: Callable[[], tuple[dict[str, int], dict[tuple[str, str], int]]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.tasks: frozenset[str] = frozenset()
+        self.messages = Counter("consumerd_messages", "Messages by task and how their attempt ended", ["task", "outcome"], registry=r)
+        self.duration = Histogram(
+            "consumerd_task_duration_seconds", "Time a task function ran", ["task"], buckets=DURATION_BUCKETS, registry=r
+        )
+        self.running = Gauge("consumerd_tasks_running", "Tasks running in workers now", registry=r)
+        self.workers = Gauge("consumerd_workers", "Worker processes", registry=r)
+        self.concurrency = Gauge("consumerd_concurrency", "Configured concurrency (workers)", registry=r)
+        self.held = Gauge("consumerd_messages_held", "Messages pulled and queued here, not yet running", registry=r)
+        self.held_bytes = Gauge("consumerd_held_bytes", "Bytes of every message held (queued, running, dead-lettering)", registry=r)
+        self.attempt = Histogram("consumerd_delivery_attempt", "Delivery attempt of pulled messages", buckets=ATTEMPT_BUCKETS, registry=r)
+        self.dead_lettered = Counter("consumerd_dead_lettered", "Messages forwarded to the dead-letter topic", ["task"], registry=r)
+        self.dead_letter_failures = Counter(
+            "consumerd_dead_letter_failed", "Dead-letter copies that could not be published", ["task"], registry=r
+        )
+        self.worker_exits = Counter("consumerd_worker_exits", "Worker exits by cause", ["cause"], registry=r)
+        self.lease_renewals = Counter("consumerd_lease_renewals", "Leases extended", registry=r)
+        self.lease_lapsed = Counter("consumerd_lease_lapsed", "Queued messages dropped because their lease ran out", registry=r)
+        self.utilization = Gauge("consumerd_utilization", "Busy worker slots / concurrency", registry=r)
+        self.state = Gauge("consumerd_state", "1 for the daemon's current state", ["state"], registry=r)
+        Info("consumerd_build", "consumerd version", registry=r).info({"version": version})
+        ProcessCollector(registry=r)
+        r.register(_RpcCollector(rpc_counts))
+        self.health = Health()
+
+    def known_tasks(self, names: frozenset[str]) -> None:
+        """Every known series exists from the start, at 0: rate() and alerts see the first event."""
+        self.tasks = names
+        for name in (*names, "unknown"):
+            self.duration.labels(name)
+            self.dead_lettered.labels(name)
+            self.dead_letter_failures.labels(name)
+            for outcome in Outcome:
+                self.messages.labels(name, outcome.value)
+        for cause in (*(r for r in KillReason if r is not KillReason.CHANNEL_CLOSED), "exit_0", "exit_nonzero"):
+            self.worker_exits.labels(str(cause))
+
+    def _task(self, name: str) -> str:
+        return name if name in self.tasks else "unknown"
+
+    # -- events, from the loop -----------------------------------------------------------------
+    def outcome(self, task: str, outcome: str) -> None:
+        self.messages.labels(self._task(task), outcome).inc()
+
+    def ran(self, task: str, seconds: float) -> None:
+        self.duration.labels(self._task(task)).observe(seconds)
+
+    def received(self, attempt: int) -> None:
+        self.attempt.observe(attempt)
+
+    def forwarded(self, task: str) -> None:
+        self.dead_lettered.labels(self._task(task)).inc()
+
+    def dead_letter_failed(self, task: str) -> None:
+        self.dead_letter_failures.labels(self._task(task)).inc()
+
+    def worker_exited(self, cause: str) -> None:
+        self.worker_exits.labels(cause).inc()
+
+    def renewed(self, leases: int) -> None:
+        self.lease_renewals.inc(leases)
+
+    def lapsed(self) -> None:
+        self.lease_lapsed.inc()
+
+    def gauges(self, *, running: int, workers: int, concurrency: int, held: int, held_bytes: int, state: str) -> None:
+        self.running.set(running)
+        self.workers.set(workers)
+        self.concurrency.set(concurrency)
+        self.held.set(held)
+        self.held_bytes.set(held_bytes)
+        self.utilization.set(running / concurrency if concurrency else 0.0)
+        for name in STATES:
+            self.state.labels(name).set(1 if name == state else 0)
+
+    def publish_health(self, health: Health) -> None:
+        self.health = health  # one reference assignment: the HTTP thread sees the old or the new
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class NullMetrics:
+    """`[metrics] listen = ""`: every method does nothing."""
+
+    health = Health()
+
+    def __getattr__(self, _name: str) -> Callable[..., None]:
+        return _nothing
+
+
+def _nothing(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+class _RpcCollector(Collector):
+    """consumerd_rpc_total{rpc} and consumerd_rpc_errors_total{rpc,code}, read from the adapter's counts."""
+
+    def __init__(self, counts: Callable[[], tuple[dict[str, int], dict[tuple[str, str], int]]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        calls, errors = self._counts()
+        total = CounterMetricFamily("consumerd_rpc", "Pub/Sub RPCs sent", labels=["rpc"])
+        for rpc, n in sorted(calls.items()):
+            total.add_metric([rpc], n)
+        failed = CounterMetricFamily("consumerd_rpc_errors", "Pub/Sub RPCs that failed, by gRPC status", labels=["rpc", "code"])
+        for (rpc, code), n in sorted(errors.items()):
+            failed.add_metric([rpc, code], n)
+        yield total
+        yield failed
+
+
+class MetricsServer:
+    """A thread serving /metrics, /healthz and /readyz; it never touches the loop's state."""
+
+    def __init__(self, metrics: Metrics, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self.metrics = metrics
+        try:
+            self.httpd = http.server.ThreadingHTTPServer((host.strip("[]"), int(port)), _handler(metrics))
+        except OSError as exc:
+            raise ConfigError(
+                f'metrics.listen: cannot listen on {listen}: {exc.strerror} (choose another port, or "" to turn it off)'
+            ) from None
+        self.httpd.daemon_threads = True
+        self.address = f"{host}:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="consumerd-metrics", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _handler(metrics: Metrics) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._reply(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                live = metrics.health.live(time.monotonic())
+                self._reply(200 if live else 503, b"ok\n" if live else b"the loop has not ticked for 5 s\n")
+            elif path == "/readyz":
+                reason = metrics.health.not_ready_because()
+                self._reply(503 if reason else 200, (reason or "ready").encode()[:300] + b"\n")
+            else:
+                self._reply(404, b"not found: /metrics, /healthz, /readyz\n")
+
+        def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # scrapes every 15 s would flood the journal
+
+    return Handler

@@ -1,0 +1,1 @@
+"""Pub/Sub: the GAPIC client, its credentials, and the threads that pull, ack and forward."""

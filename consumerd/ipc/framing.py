@@ -1,0 +1,92 @@
+"""Length-prefixed frames over a stream socket: the supervisor <-> worker channel.
+
+A frame is a 4-byte big-endian length then a payload. Jobs (supervisor -> worker) are pickles: the
+supervisor is trusted. Results (worker -> supervisor) are JSON decoded by `Result.decode`, with a
+64 KiB limit: a worker runs task code, so what it sends is data to validate, never code to run.
+The reader is incremental and never blocks, so a worker that writes half a frame, or garbage,
+cannot stall the supervisor's loop: garbage raises WorkerProtocolError and the worker is treated as
+crashed.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from consumerd.errors import WorkerProtocolError
+from consumerd.ipc.records import MAX_RESULT_FRAME, Result, Unit
+
+T = TypeVar("T")
+_HEADER = struct.Struct(">I")
+MAX_JOB_FRAME = 256 * 1024 * 1024  # far above Pub/Sub's 10 MB message limit; a larger length is garbage
+
+
+def frame(payload: bytes) -> bytes:
+    return _HEADER.pack(len(payload)) + payload
+
+
+def encode_units(units: list[Unit]) -> bytes:
+    """One frame carrying every job for one worker from one dispatch pass (fewer crossings)."""
+    return frame(pickle.dumps(tuple(units), protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def encode_result(result: Result) -> bytes:
+    return frame(result.encode())
+
+
+class FrameReader(Generic[T]):
+    def __init__(self, decode: Callable[[bytes], T], max_frame: int) -> None:
+        self._decode = decode
+        self._max_frame = max_frame
+        self._buffer = bytearray()
+        self.ready: collections.deque[T] = collections.deque()
+
+    def feed(self, data: bytes) -> None:
+        """Add received bytes; every complete frame is decoded onto ``ready``."""
+        self._buffer += data
+        while len(self._buffer) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buffer)
+            if length > self._max_frame:
+                raise WorkerProtocolError(f"frame length {length} exceeds {self._max_frame}")
+            end = _HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            payload = bytes(self._buffer[_HEADER.size : end])
+            del self._buffer[:end]
+            self.ready.append(self._decode(payload))
+
+    def take(self) -> list[T]:
+        frames = list(self.ready)
+        self.ready.clear()
+        return frames
+
+
+def result_reader() -> FrameReader[Result]:
+    """The supervisor's side: JSON results, 64 KiB at most each."""
+    return FrameReader(Result.decode, MAX_RESULT_FRAME)
+
+
+def job_reader() -> FrameReader[Any]:
+    """The worker's side: pickled jobs from the (trusted) supervisor."""
+    return FrameReader(_unpickle, MAX_JOB_FRAME)
+
+
+def _unpickle(payload: bytes) -> Any:
+    try:
+        return pickle.loads(payload)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the peer is broken
+        raise WorkerProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
+
+
+def recv_frame(sock: socket.socket, reader: FrameReader[T]) -> T | None:
+    """Blocking read of one frame (the worker's side); None at end of stream."""
+    while not reader.ready:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return None
+        reader.feed(chunk)
+    return reader.ready.popleft()

@@ -1,0 +1,43 @@
+"""SIGHUP: re-read the config file (and environment), keep what may change at run time, refuse the rest.
+
+A config that does not load, or asks for more workers than the descriptor limit holds, is rejected
+whole and the daemon keeps running with the settings it had.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from consumerd.config import Settings, load_settings, reload_plan
+from consumerd.errors import ConfigError
+from consumerd.logsetup import configure_logging
+
+
+class Reloader:
+    def __init__(self, config_path: Path | None) -> None:
+        self.config_path = config_path  # None: started without a file, nothing to re-read
+
+    @property
+    def enabled(self) -> bool:
+        return self.config_path is not None
+
+    def reload(self, current: Settings, max_concurrency: int, log: Any) -> Settings | None:
+        """The settings to run with from now on, or None when the new config is rejected."""
+        assert self.config_path is not None
+        try:
+            new = load_settings(self.config_path)
+            new.require_subscription(str(self.config_path))
+            if new.workers.concurrency > max_concurrency:
+                raise ConfigError(
+                    f"workers.concurrency = {new.workers.concurrency} exceeds {max_concurrency}, the most the file descriptor limit holds"
+                )
+        except ConfigError as exc:
+            log.error("reload.rejected", error=str(exc), detail="still running with the previous config")
+            return None
+        merged, applied, refused = reload_plan(current, new)
+        for key in refused:
+            log.warning("reload.refused", key=key, detail="cannot change while running: restart to apply")
+        configure_logging(merged.logging.format, merged.logging.level, google_level=merged.logging.google_level)
+        log.info("reload.done", applied=applied, refused=refused, concurrency=merged.workers.concurrency)
+        return merged

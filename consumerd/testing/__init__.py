@@ -1,0 +1,1 @@
+"""Helpers for testing tasks and running the daemon locally (the Pub/Sub emulator)."""
