@@ -1,72 +1,106 @@
 """Steering a running daemon through its control socket: status, pause, resume, drain, scale.
 
-The socket's mechanics are `ControlServer`'s; this is what each command does to the supervisor.
-A command changes only what a signal or a reload could change too (drain is SIGTERM, scale is what
-SIGTTIN/SIGTTOU do), always on the loop's thread.
+The socket's mechanics are `ControlServer`'s; this is what each command does, against `Steerable`:
+the few things the daemon lets a command do. A command changes only what a signal or a reload could
+change too (drain is SIGTERM, scale is what SIGTTIN/SIGTTOU do), always on the loop's thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import selectors
-import signal
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from consumerd.control.server import Client, ControlServer
+from structlog.stdlib import BoundLogger
 
-if TYPE_CHECKING:
-    from consumerd.supervisor.loop import Supervisor
+from consumerd.control.server import Client, Command, ControlServer, Request
+
+
+class Steerable(Protocol):
+    """What the commands may ask of the daemon: each is also reachable by a signal or a reload."""
+
+    @property
+    def max_concurrency(self) -> int: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def set_paused(self, paused: bool) -> None: ...
+
+    def drain(self) -> None: ...
+
+    def resize(self, concurrency: int) -> None: ...
 
 
 class Steering:
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.sup = supervisor
+    """Serves the control socket from the loop's selector and runs each request's command."""
 
-    def listen(self, path: str, group: str, resources: contextlib.ExitStack) -> ControlServer | None:
-        """The control socket at ``path`` ("" = none), served from the supervisor's selector."""
+    def __init__(
+        self,
+        daemon: Steerable,
+        selector: selectors.BaseSelector,
+        clock: Callable[[], float],
+        forget: Callable[[Any], None],
+        log: BoundLogger,
+    ) -> None:
+        self.daemon = daemon
+        self.selector = selector
+        self.clock = clock
+        self.forget = forget
+        self.log = log
+        self.server: ControlServer | None = None
+
+    def listen(self, path: str, group: str, resources: contextlib.ExitStack) -> None:
+        """The control socket at ``path`` ("" = none), served from the loop's selector."""
         if not path:
-            return None
-        server = ControlServer(path, group, forget=self.sup.forget_fd)
-        resources.callback(server.close)
-        self.sup.selector.register(server, selectors.EVENT_READ, self.accept)
-        self.sup.log.info("control.listening", socket=path)
-        return server
+            return
+        self.server = ControlServer(path, group, forget=self.forget)
+        resources.callback(self.server.close)
+        self.selector.register(self.server, selectors.EVENT_READ, self.accept)
+        self.log.info("control.listening", socket=path)
 
     def accept(self) -> None:
-        assert self.sup.control is not None
-        if client := self.sup.control.accept(self.sup.clock()):
-            self.sup.selector.register(client, selectors.EVENT_READ, lambda: self.on_client(client))
+        if self.server and (client := self.server.accept(self.clock())):
+            self.selector.register(client, selectors.EVENT_READ, lambda: self.on_client(client))
 
     def on_client(self, client: Client) -> None:
-        assert self.sup.control is not None
-        if request := self.sup.control.read(client):
-            self.sup.control.reply(client, getattr(self, f"control_{request.command}")(request.args))
+        if self.server and (request := self.server.read(client)):
+            self.server.reply(client, self.run(request))
 
     def drop_stale(self, now: float) -> None:
-        for client in self.sup.control.stale(now) if self.sup.control else ():
-            self.sup.control.drop(client)  # type: ignore[union-attr]
+        if self.server:
+            for client in self.server.stale(now):
+                self.server.drop(client)
+
+    def run(self, request: Request) -> dict[str, Any]:
+        commands: dict[Command, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            Command.STATUS: self.control_status,
+            Command.PAUSE: self.control_pause,
+            Command.RESUME: self.control_resume,
+            Command.DRAIN: self.control_drain,
+            Command.SCALE: self.control_scale,
+        }
+        return commands[request.command](request.args)
 
     def control_status(self, _args: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, **self.sup.reporter.status(self.sup.clock(), self.sup.state.value, self.sup.concurrency, self.sup.paused)}
+        return {"ok": True, **self.daemon.status()}
 
     def control_pause(self, _args: dict[str, Any]) -> dict[str, Any]:
-        self.sup.paused = True
-        self.sup.log.info("daemon.paused", running=self.sup.pool.busy_count(), queued=len(self.sup.backlog))
+        self.daemon.set_paused(True)
         return {"ok": True, "paused": True}
 
     def control_resume(self, _args: dict[str, Any]) -> dict[str, Any]:
-        self.sup.paused = False
-        self.sup.log.info("daemon.resumed")
+        self.daemon.set_paused(False)
         return {"ok": True, "paused": False}
 
     def control_drain(self, _args: dict[str, Any]) -> dict[str, Any]:
-        self.sup.signals.record(signal.SIGTERM)  # exactly what SIGTERM does, on the next tick
+        self.daemon.drain()
         return {"ok": True, "state": "draining"}
 
     def control_scale(self, args: dict[str, Any]) -> dict[str, Any]:
-        n = args.get("n")
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.sup.max_concurrency:
-            return {"ok": False, "error": f"scale needs a whole number of workers from 1 to {self.sup.max_concurrency}"}
-        self.sup.resize(n)
-        self.sup.log.info("workers.resized", concurrency=n, via="control socket")
+        n, most = args.get("n"), self.daemon.max_concurrency
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= most:
+            return {"ok": False, "error": f"scale needs a whole number of workers from 1 to {most}"}
+        self.daemon.resize(n)
+        self.log.info("workers.resized", concurrency=n, via="control socket")
         return {"ok": True, "concurrency": n}

@@ -10,6 +10,7 @@ daemon's own uid may change anything.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import grp
 import json
 import os
@@ -24,13 +25,22 @@ from consumerd.errors import ConfigError
 
 MAX_REQUEST = 4096
 CLIENT_TIMEOUT = 2.0
-READ_ONLY = frozenset({"status"})
-COMMANDS = frozenset({"status", "pause", "resume", "drain", "scale"})
+
+
+class Command(enum.StrEnum):
+    STATUS = "status"
+    PAUSE = "pause"
+    RESUME = "resume"
+    DRAIN = "drain"
+    SCALE = "scale"
+
+
+READ_ONLY = frozenset({Command.STATUS})
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    command: str
+    command: Command
     args: dict[str, Any]
     uid: int
 
@@ -95,9 +105,10 @@ class ControlServer:
             return None
         try:
             body = json.loads(client.buffer.split(b"\n", 1)[0])
-            command, args = body["command"], body.get("args", {})
-            if command not in COMMANDS or not isinstance(args, dict):
-                raise ValueError(f"unknown command {str(command)[:40]!r}")
+            name, args = body["command"], body.get("args", {})
+            if name not in Command.__members__.values() or not isinstance(args, dict):
+                raise ValueError(f"unknown command {str(name)[:40]!r}")
+            command = Command(name)
         except (ValueError, KeyError, TypeError) as exc:
             self.reply(client, {"ok": False, "error": f"bad request: {exc}"})
             return None
@@ -151,21 +162,3 @@ def _remove_stale(path: Path) -> None:
     finally:
         probe.close()
     raise OSError(f"another daemon is listening on {path}")
-
-
-def request(path: str, command: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> dict[str, Any]:
-    """The client side, for the CLI: one request, one answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.sendall(json.dumps({"command": command, "args": args or {}}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    if not data:
-        raise ConnectionError("the daemon closed the connection without an answer")
-    answer: dict[str, Any] = json.loads(data)
-    return answer

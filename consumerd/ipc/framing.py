@@ -10,7 +10,9 @@ crashed.
 
 from __future__ import annotations
 
+import array
 import collections
+import os
 import pickle
 import socket
 import struct
@@ -18,11 +20,13 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from consumerd.errors import WorkerProtocolError
-from consumerd.ipc.records import MAX_RESULT_FRAME, Result, Unit
+from consumerd.ipc.records import MAX_PACKET, MAX_RESULT_FRAME, ControlPacket, Result, Unit, decode_control, encode_control
 
 T = TypeVar("T")
 _HEADER = struct.Struct(">I")
 MAX_JOB_FRAME = 256 * 1024 * 1024  # far above Pub/Sub's 10 MB message limit; a larger length is garbage
+
+SEND_TIMEOUT = 30.0  # seconds to hand frames to an idle worker (a 10 MB message takes milliseconds)
 
 
 def frame(payload: bytes) -> bytes:
@@ -90,3 +94,53 @@ def recv_frame(sock: socket.socket, reader: FrameReader[T]) -> T | None:
             return None
         reader.feed(chunk)
     return reader.ready.popleft()
+
+
+def send_packet(sock: socket.socket, packet: ControlPacket, fds: list[int] | None = None) -> None:
+    """One packet to the other end of the fork server's control socket, with descriptors to pass."""
+    data = encode_control(packet)
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+
+
+def recv_packet(sock: socket.socket) -> tuple[object, int | None]:
+    """One packet from the fork server's control socket and the descriptor that came with it, if any.
+
+    Raises WorkerProtocolError when the fork server is gone, broke the protocol, or a descriptor was
+    lost in transit; a descriptor that came with a bad packet is closed, never leaked.
+    """
+    fds = array.array("i")
+    data, ancdata, flags, _ = sock.recvmsg(MAX_PACKET, socket.CMSG_SPACE(fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    if flags & socket.MSG_CTRUNC or len(fds) > 1:
+        for fd in fds:
+            os.close(fd)
+        raise WorkerProtocolError("a worker's channel was lost in transit (MSG_CTRUNC: out of file descriptors?)")
+    if not data:
+        raise WorkerProtocolError("fork server exited")
+    try:
+        packet = decode_control(data)
+    except WorkerProtocolError as exc:
+        for fd in fds:
+            os.close(fd)
+        raise WorkerProtocolError(f"fork server broke the protocol: {exc}") from None
+    return packet, (fds[0] if fds else None)
+
+
+def send_frames(sock: socket.socket, data: bytes, timeout: float = SEND_TIMEOUT) -> None:
+    """Send without blocking when the socket buffer takes it all (always, for small jobs); a large
+    message that does not fit waits up to ``timeout`` seconds for the idle worker to read it."""
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(data):
+        sock.settimeout(timeout)
+        try:
+            sock.sendall(memoryview(data)[sent:])
+        finally:
+            sock.setblocking(False)

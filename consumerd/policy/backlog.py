@@ -9,36 +9,9 @@ however large, so nothing is stuck). No I/O and no clock: `now` is passed in.
 from __future__ import annotations
 
 import collections
-import dataclasses
 from collections.abc import Callable
 
-from consumerd.message import Message
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class InFlight:
-    """A pulled message the supervisor holds a lease on, until it is acked or given back."""
-
-    ack_id: str
-    message: Message
-    task: str
-    attempt: int
-    received_at: float
-    worker_pid: int | None = None
-    size: int = dataclasses.field(init=False)  # bytes held: payload, attributes and ordering key
-
-    def __post_init__(self) -> None:
-        self.size = message_bytes(self.message)
-
-    @property
-    def key(self) -> str:
-        return self.message.ordering_key
-
-
-def message_bytes(message: Message) -> int:
-    """What a message weighs in the byte budget: attributes count, so empty messages are not free."""
-    attributes = sum(len(k.encode()) + len(v.encode()) for k, v in message.attributes.items())
-    return len(message.data) + attributes + len(message.ordering_key.encode())
+from consumerd.ipc.held import InFlight
 
 
 class Backlog:
@@ -56,6 +29,17 @@ class Backlog:
 
     def __len__(self) -> int:
         return len(self.waiting)
+
+    def configure(
+        self, *, ordered: bool | None = None, max_running_bytes: int | None = None, task_caps: dict[str, int] | None = None
+    ) -> None:
+        """What is known only later: the subscription's ordering, a reloaded byte budget, the tasks' caps."""
+        if ordered is not None:
+            self.ordered = ordered
+        if max_running_bytes is not None:
+            self.max_running_bytes = max_running_bytes
+        if task_caps is not None:
+            self.task_caps = task_caps
 
     def hold(self, inflight: InFlight) -> None:
         """The supervisor now holds this message (its bytes count until `released`)."""

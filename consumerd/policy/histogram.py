@@ -21,6 +21,12 @@ class Histogram:
         self._counts: Counter[int] = Counter()
         self.samples = 0
 
+    def set_bounds(self, minimum: int, maximum: int) -> None:
+        """New clamps for samples from now on (a reload); samples already counted stay as they were."""
+        if not 0 < minimum <= maximum:
+            raise ValueError("need 0 < minimum <= maximum")
+        self.minimum, self.maximum = minimum, maximum
+
     def add(self, seconds: float) -> None:
         bucket = min(self.maximum, max(self.minimum, math.ceil(seconds)))
         self._counts[bucket] += 1

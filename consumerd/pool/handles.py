@@ -12,10 +12,10 @@ import os
 import signal
 import socket
 
-from consumerd.errors import WorkerProtocolError
+from consumerd.errors import ExitCode, WorkerProtocolError
 from consumerd.ipc.framing import FrameReader, result_reader
+from consumerd.ipc.held import InFlight
 from consumerd.ipc.records import Job, Outcome, Result, Unit
-from consumerd.policy.backlog import InFlight
 
 
 class KillReason(enum.StrEnum):
@@ -194,7 +194,7 @@ class WorkerExited:
     @property
     def start_hook_failed(self) -> bool:
         """It exited by itself with EX_CONFIG before taking a job: an on_worker_start hook raised."""
-        return not self.held and self.kill_reason is None and self.exit_code == 78
+        return not self.held and self.kill_reason is None and self.exit_code == ExitCode.CONFIG
 
     @property
     def cause(self) -> str:
@@ -225,3 +225,5 @@ def outcome_of(kill_reason: KillReason | None, slot: Slot) -> Outcome:
 
 
 PoolEvent = WorkerStarted | WorkerResult | WorkerExited
+# Every value `WorkerExited.cause` can take, so the metrics can show each from the start at zero.
+EXIT_CAUSES = (*(r.value for r in KillReason if r is not KillReason.CHANNEL_CLOSED), "exit_0", "exit_nonzero")

@@ -7,7 +7,6 @@ supervisor asks (`overdue`, `next_deadline`, `running`) instead of reading a wor
 
 from __future__ import annotations
 
-import array
 import dataclasses
 import itertools
 import os
@@ -20,11 +19,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from consumerd.adapters.linux import kill_group
 from consumerd.config import Settings
 from consumerd.errors import ConfigError, ConsumerdError, WorkerProtocolError
-from consumerd.ipc.framing import encode_units
+from consumerd.ipc.framing import encode_units, recv_packet, send_frames
+from consumerd.ipc.held import InFlight
 from consumerd.ipc.records import (
-    MAX_PACKET,
     BatchJob,
     Exited,
     ForkServerSpec,
@@ -36,10 +36,8 @@ from consumerd.ipc.records import (
     Spawned,
     TaskOptions,
     Unit,
-    decode_control,
     encode_control,
 )
-from consumerd.policy.backlog import InFlight
 from consumerd.pool.handles import (
     KillReason,
     Lost,
@@ -54,7 +52,6 @@ from consumerd.pool.handles import (
 )
 from consumerd.pool.sandbox import hidden_from_tasks, task_environment
 
-SEND_TIMEOUT = 30.0  # seconds to hand a job to an idle worker (a 10 MB message takes milliseconds)
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL to a worker's process group
 # The fork server runs the consumerd package the supervisor runs, from its own directory, in
 # isolated mode (-I: no PYTHON* variables, no working directory on sys.path).
@@ -132,24 +129,10 @@ class Pool:
     def _recv_control(self) -> tuple[object, int | None]:
         """One control packet and the descriptor that came with it, if any."""
         assert self._control is not None
-        fds = array.array("i")
-        data, ancdata, flags, _ = self._control.recvmsg(MAX_PACKET, socket.CMSG_SPACE(fds.itemsize))
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        if flags & socket.MSG_CTRUNC or len(fds) > 1:
-            for fd in fds:
-                os.close(fd)
-            raise ForkServerDied("a worker's channel was lost in transit (MSG_CTRUNC: out of file descriptors?)")
-        if not data:
-            raise ForkServerDied("fork server exited")
         try:
-            packet = decode_control(data)
+            return recv_packet(self._control)
         except WorkerProtocolError as exc:
-            for fd in fds:
-                os.close(fd)
-            raise ForkServerDied(f"fork server broke the protocol: {exc}") from None
-        return packet, (fds[0] if fds else None)
+            raise ForkServerDied(str(exc)) from None
 
     def read_control(self, now: float) -> list[PoolEvent]:
         """The fork server has a packet for us: a spawned worker or an exit status."""
@@ -215,9 +198,33 @@ class Pool:
     def idle_workers(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.idle]
 
-    @staticmethod
-    def room(worker: WorkerHandle, mode: Mode, depth: int) -> int:
-        return worker.room(mode, depth)
+    def pick(self, mode: Mode, depth: int, reserve: bool = False) -> WorkerHandle | None:
+        """The worker with the most room for a call of ``mode``, up to ``depth`` calls deep. A busy
+        sync worker whose queue is still half full is passed over: it is refilled later, many jobs in
+        one frame. With ``reserve``, when none can take it, the least busy worker of the other kind is
+        left to run dry and then takes only ``mode``."""
+        best, room = None, 0
+        for worker in self.workers.values():
+            if worker.reserved is not None and worker.reserved is not mode:
+                continue
+            r = worker.room(mode, depth)
+            if mode is Mode.SYNC and worker.busy and r < depth // 2:
+                continue
+            if r > room:
+                best, room = worker, r
+        if best is None and reserve and not any(w.reserved is mode for w in self.workers.values()):
+            others = [w for w in self.workers.values() if w.live and w.mode is not None and w.mode is not mode]
+            if others:
+                min(others, key=lambda w: len(w.slots)).reserved = mode
+        return best
+
+    def resize(self, size: int) -> None:
+        """Keep ``size`` workers: idle surplus ones retire now, busy ones when they finish."""
+        self.size = size
+        self.retire_surplus()
+
+    def worker_count(self) -> int:
+        return len(self.workers)
 
     def running(self) -> list[InFlight]:
         """The messages workers are running now (not those queued behind them)."""
@@ -248,7 +255,7 @@ class Pool:
                 units: list[Unit] = worker.outbox
                 worker.outbox = []
                 try:
-                    _send(worker.sock, encode_units(units))
+                    send_frames(worker.sock, encode_units(units))
                 except OSError as exc:  # died, or stuck not reading: it is killed and its jobs fail
                     self.kill(worker, KillReason.SEND_FAILED, now, f"could not send job: {type(exc).__name__}", grace=0)
 
@@ -311,12 +318,12 @@ class Pool:
         worker.kill_reason = worker.kill_reason or reason
         worker.kill_detail = worker.kill_detail or detail
         worker.kill_escalate_at = now + grace
-        _signal_group(worker.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+        kill_group(worker.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
 
     def escalate_kills(self, now: float) -> None:
         for worker in self.workers.values():
             if worker.kill_escalate_at is not None and now >= worker.kill_escalate_at:
-                _signal_group(worker.pid, signal.SIGKILL)
+                kill_group(worker.pid, signal.SIGKILL)
                 worker.kill_escalate_at = float("inf")  # once is enough; the exit event follows
 
     def next_deadline(self) -> float | None:
@@ -363,33 +370,9 @@ class Pool:
             pass  # the fork server is gone, or the time is up: it kills the rest
 
 
-def _send(sock: socket.socket, data: bytes) -> None:
-    """Send without blocking when the socket buffer takes it all (always, for small jobs); a large
-    message that does not fit waits up to SEND_TIMEOUT for the idle worker to read it."""
-    try:
-        sent = sock.send(data)
-    except BlockingIOError:
-        sent = 0
-    if sent < len(data):
-        sock.settimeout(SEND_TIMEOUT)
-        try:
-            sock.sendall(memoryview(data)[sent:])
-        finally:
-            sock.setblocking(False)
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass
-    except PermissionError:  # the group id was reused by someone else's process: leave it
-        pass
-
-
 def _sweep_process_group(pgid: int) -> None:
     """A worker is gone: whatever its task left behind in its process group goes too."""
-    _signal_group(pgid, signal.SIGKILL)
+    kill_group(pgid, signal.SIGKILL)
 
 
 def describe_status(status: int) -> str:

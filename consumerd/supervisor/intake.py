@@ -13,10 +13,11 @@ from collections.abc import Callable
 
 from consumerd.adapters.pubsub.client import Received
 from consumerd.config import Settings
+from consumerd.ipc.held import InFlight
 from consumerd.ipc.records import TaskOptions
 from consumerd.policy import admission
 from consumerd.policy.admission import Router, Verdict
-from consumerd.policy.backlog import Backlog, InFlight
+from consumerd.policy.backlog import Backlog
 from consumerd.policy.flow import Ewma, prefetch_allowance, pull_size
 from consumerd.pool.handles import Mode, WorkerHandle
 from consumerd.pool.pool import Pool
@@ -31,17 +32,14 @@ MAX_FORWARDING = 1000  # dead-letter copies in flight before pulling waits for t
 # (at least one, so a worker never waits for its next job), at most MAX_QUEUED. None behind tasks
 # longer than PIPELINE_UP_TO seconds (or of unknown length): the ~0.1 ms a queued job saves is
 # nothing beside them, and a queued message would wait leased here, and hold up a drain, as long.
-# 10 ms / 64 (was 2 ms / 16): the old queue ran dry in one slow pass of the loop (a pull to admit,
-# a burst of results), so no-op workers waited and the machine sat 18 % idle; in an A/B of 3 x 3
-# runs the no-op rate rose from 2,236-2,690 to 3,370-3,461 msg/s and the supervisor's CPU per
-# message fell ~25 % (fewer, fuller frames and passes).
+# The horizon must outlast one slow pass of the loop (a pull to admit, a burst of results), or
+# workers of short tasks run dry and wait while the loop catches up.
 QUEUE_HORIZON = 0.01
 MAX_QUEUED = 64
 PIPELINE_UP_TO = 1.0
 # Pulls are sized for coroutines or batches only while such messages arrive: a batch task that is
 # merely loaded must not make every pull fetch batch-sized backlogs of other tasks.
 SHAPE_MEMORY = 10.0
-NO_OPTIONS = TaskOptions()
 OnError = Callable[[str, Exception, InFlight | None], None]
 
 
@@ -51,7 +49,6 @@ class Intake:
         self.settler = settler
         self.backlog = backlog
         self.on_error = on_error
-        self.attempts = settler.attempts
         self.router = Router(settings.tasks.route_attribute, settings.tasks.default)
         self.task_names: frozenset[str] = frozenset()  # known once the fork server imported the modules
         self.lease_deadline = 10  # the subscription's ack deadline: what a pulled message holds
@@ -67,17 +64,32 @@ class Intake:
     def set_tasks(self, tasks: dict[str, TaskOptions]) -> None:
         """The tasks the fork server found, with their `@task(...)` options (kept across reloads)."""
         self.task_names = frozenset(tasks)
-        self.settler.task_options = tasks  # the one copy: timeouts are read from it too
+        self.settler.set_tasks(tasks)  # the one copy of the options: ask the settler for them
         # A batch task's concurrency counts calls: that many batches at once.
-        self.backlog.task_caps = {name: o.concurrency * o.batch for name, o in tasks.items() if o.concurrency}
+        self.backlog.configure(task_caps={name: o.concurrency * o.batch for name, o in tasks.items() if o.concurrency})
         self.modes = frozenset(Mode.ASYNC if o.is_async else Mode.SYNC for o in tasks.values()) or frozenset({Mode.SYNC})
 
+    def apply(self, settings: Settings) -> None:
+        """A reload: messages pulled from now on are sized, admitted and timed by ``settings``."""
+        self.settings = settings
+
+    def subscribed(self, ack_deadline: int) -> None:
+        """The subscription's ack deadline: how long a pulled message is leased before a renewal."""
+        self.lease_deadline = ack_deadline
+
+    def next_batch_due(self) -> float | None:
+        """When a batch that is still filling must go anyway (None: none is filling)."""
+        return self.batch_due
+
+    def task_ran(self, seconds: float) -> None:
+        self.task_seconds.add(seconds)
+
     def options_of(self, task: str) -> TaskOptions:
-        return self.settler.task_options.get(task, NO_OPTIONS)
+        return self.settler.options_of(task)
 
     def timeout_of(self, task: str) -> float:
-        options = self.settler.task_options.get(task)
-        return options.timeout if options and options.timeout is not None else self.settings.workers.task_timeout
+        timeout = self.options_of(task).timeout
+        return timeout if timeout is not None else self.settings.workers.task_timeout
 
     # -- in ----------------------------------------------------------------------------------
     def ticked(self, now: float) -> None:
@@ -109,13 +121,12 @@ class Intake:
         message = received.message
         if self.settings.tasks.idempotency_attribute:
             message = dataclasses.replace(message, key_attribute=self.settings.tasks.idempotency_attribute)
-        attempt = self.attempts.count(message.message_id, message.delivery_attempt, now)
+        attempt = self.settler.attempt_of(message.message_id, message.delivery_attempt, now)
         inflight = InFlight(received.ack_id, message, self.router.route(message.attributes), attempt, now)
         options = self.options_of(inflight.task)
         if options.is_async or options.batch_size:
             self.shaped_seen[inflight.task] = now
         self.settler.hold(inflight, now, self.lease_deadline)
-        self.settler.metrics.received(attempt)
         return inflight
 
     def admit(self, inflight: InFlight, now: float, running: bool) -> None:
@@ -146,7 +157,7 @@ class Intake:
         blocked: set[Mode] = set()
         self.batch_due = None
         # Only the kinds of task that have messages waiting: once they all found no worker, the
-        # rest of the backlog need not be looked at (it was: every pass walked all of it).
+        # rest of the backlog need not be looked at (a pass stays O(started), not O(backlog)).
         waiting = {Mode.ASYNC if self.options_of(task).is_async else Mode.SYNC for task in self.backlog.waiting_tasks}
         while not waiting <= blocked and (inflight := self.backlog.next_ready(now)) is not None:
             try:
@@ -175,34 +186,15 @@ class Intake:
         pool.flush(now)
 
     def pick(self, pool: Pool, mode: Mode, blocked: set[Mode]) -> WorkerHandle | None:
-        """The worker with the most room for a call of ``mode``. While the other kind waits for a
-        worker, sync jobs go to idle workers only and one async worker takes no more coroutines, so
-        a worker frees up for it."""
+        """The worker the pool finds with the most room for a call of ``mode``. While the other kind
+        waits for a worker, sync jobs go to idle workers only and one async worker takes no more
+        coroutines, so a worker frees up for it; a sync job that finds none while async tasks exist
+        has a worker reserved for sync work."""
         if mode is Mode.ASYNC:
             depth = self.settings.workers.async_concurrency
         else:
             depth = 1 if Mode.ASYNC in blocked else 1 + self.queue_depth()
-        best, room = None, 0
-        for worker in pool.workers.values():
-            if worker.reserved is not None and worker.reserved is not mode:
-                continue
-            r = pool.room(worker, mode, depth)
-            if mode is Mode.SYNC and worker.busy and r < depth // 2:
-                continue  # its queue is still half full: refill it later, many jobs in one frame
-            if r > room:
-                best, room = worker, r
-        if best is None and mode is Mode.SYNC and Mode.ASYNC in self.modes:
-            self.reserve_worker(pool, Mode.SYNC)
-        return best
-
-    @staticmethod
-    def reserve_worker(pool: Pool, mode: Mode) -> None:
-        """Let the least busy worker of the other kind run dry, then take ``mode``."""
-        if any(w.reserved is mode for w in pool.workers.values()):
-            return
-        others = [w for w in pool.workers.values() if w.live and w.mode is not None and w.mode is not mode]
-        if others:
-            min(others, key=lambda w: len(w.slots)).reserved = mode
+        return pool.pick(mode, depth, reserve=mode is Mode.SYNC and Mode.ASYNC in self.modes)
 
     def queue_depth(self) -> int:
         """Sync jobs to queue behind a worker's running one: ~QUEUE_HORIZON seconds of work."""
@@ -242,7 +234,7 @@ class Intake:
     def next_pull(self, concurrency: int, busy: int, now: float = 0.0) -> int:
         """How many messages to ask for now (0: none), for ``concurrency`` workers holding ``busy``
         messages. The caller sends the request."""
-        forwarding = len(self.settler.forwarding)
+        forwarding = self.settler.dead_lettering()
         if self.requested or forwarding >= MAX_FORWARDING:
             return 0  # one pull at a time; and no more poison while the forwarder is this far behind
         budget = self.settings.flow.max_inflight_bytes
@@ -267,4 +259,4 @@ class Intake:
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_INTERVAL
             self.backlog.prune(now)
-            self.attempts.prune(now)
+            self.settler.prune(now)

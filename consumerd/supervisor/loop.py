@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import enum
 import selectors
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,13 +28,12 @@ from consumerd.adapters.pubsub.puller import PullResult
 from consumerd.adapters.systemd import Notifier
 from consumerd.config import Settings
 from consumerd.control.commands import Steering
-from consumerd.control.server import ControlServer
 from consumerd.errors import ExitCode
 from consumerd.ipc.inbox import Inbox
 from consumerd.ipc.records import Outcome
 from consumerd.logsetup import get_logger
 from consumerd.policy.backlog import Backlog
-from consumerd.pool.handles import KillReason, PoolEvent, WorkerExited, WorkerResult, WorkerStarted
+from consumerd.pool.handles import EXIT_CAUSES, KillReason, PoolEvent, WorkerExited, WorkerResult, WorkerStarted
 from consumerd.pool.pool import KILL_GRACE, ForkServerDied, fork_server_spec
 from consumerd.supervisor.components import Components
 from consumerd.supervisor.descriptors import check_concurrency, max_concurrency, raise_nofile
@@ -41,7 +41,7 @@ from consumerd.supervisor.intake import STALL, Intake
 from consumerd.supervisor.reload import Reloader
 from consumerd.supervisor.reporter import Reporter
 from consumerd.supervisor.safety import SafetyNet
-from consumerd.supervisor.settler import Counters, SettlePolicy, Settler
+from consumerd.supervisor.settler import Counters, Settler
 from consumerd.supervisor.signals import SignalQueue
 
 STARTUP_TIMEOUT = 60.0  # seconds to start the workers before giving up
@@ -88,7 +88,7 @@ class Supervisor:
         self.pubsub = self.components.pubsub(settings)
         self.io = self.components.io_threads(self.pubsub, settings, self.inbox)
         forward = self.io.forwarder.forward if self.io.forwarder else None
-        self.metrics = Metrics(__version__, self.pubsub.rpcs.snapshot) if settings.metrics.listen else NullMetrics()
+        self.metrics = Metrics(__version__, self.pubsub.rpcs.snapshot, EXIT_CAUSES) if settings.metrics.listen else NullMetrics()
         self.settler = Settler.of(
             settings, self.io.acker.ack, self.io.acker.modack, forward, self.backlog, self.counters, self.log, self.metrics
         )
@@ -96,9 +96,8 @@ class Supervisor:
         self.safety = SafetyNet(self.settler, self.counters, self.log, clock, self.on_errors_exhausted)
         self.intake = Intake(settings, self.settler, self.backlog, self.safety.caught)
         self.reporter = Reporter(self.notifier, self.metrics, self.pool, self.backlog, self.settler, self.io.puller)
-        self.control: ControlServer | None = None
         self.paused = False  # `consumerd pause`: no pulls; what is here runs on
-        self.steering = Steering(self)
+        self.steering = Steering(self, self.selector, clock, self.forget_fd, self.log)
         self.drain_deadline: float | None = None
         self.stop_deadline: float | None = None
         self._next_housekeeping = 0.0
@@ -149,7 +148,7 @@ class Supervisor:
     def start_observability(self) -> None:
         """Metrics, probes and the control socket first: they answer while the rest starts."""
         self.reporter.serve(self.settings.metrics.listen, self.resources, self.log)
-        self.control = self.steering.listen(self.settings.control.socket_path(), self.settings.control.group, self.resources)
+        self.steering.listen(self.settings.control.socket_path(), self.settings.control.group, self.resources)
 
     def start_pool(self) -> None:
         nofile = raise_nofile()
@@ -169,8 +168,8 @@ class Supervisor:
         info = connect(self.pubsub, self.settings, self.clock, self.wait_or_stop, self.log)
         if info is None:
             return  # asked to stop while waiting
-        self.intake.lease_deadline = info.ack_deadline
-        self.backlog.ordered = info.ordering
+        self.intake.subscribed(info.ack_deadline)
+        self.backlog.configure(ordered=info.ordering)
 
     def await_workers(self) -> bool:
         """Run the loop until every worker started; False if a stop signal came first."""
@@ -213,14 +212,8 @@ class Supervisor:
         now = self.clock()
         # Something is due soon (a lease, a timeout, a kill, the watchdog): look again at the next
         # housekeeping time; otherwise sleep until an event or MAX_SLEEP.
-        candidates = [
-            self.settler.leases.next_due(),
-            self.pool.next_deadline(),
-            self.intake.batch_due,
-            self.notifier.watchdog_due(now),
-            self.drain_deadline,
-            self.stop_deadline,
-        ]
+        candidates = [self.settler.next_renewal(), self.pool.next_deadline(), self.intake.next_batch_due()]
+        candidates += [self.notifier.watchdog_due(now), self.drain_deadline, self.stop_deadline]
         due = min((c for c in candidates if c is not None), default=now + MAX_SLEEP)
         return min(max(due, self._next_housekeeping), now + MAX_SLEEP)
 
@@ -256,7 +249,7 @@ class Supervisor:
                         self.fail("a worker's on_worker_start hook failed (worker.start_hook_failed)", ExitCode.CONFIG)
 
     def on_result(self, event: WorkerResult, now: float) -> None:
-        self.intake.task_seconds.add(event.ran_for)
+        self.intake.task_ran(event.ran_for)
         self.settler.finished(event.inflight, event.result, now)
         self.pool.retire_surplus()
 
@@ -292,12 +285,11 @@ class Supervisor:
 
     def apply_settings(self, settings: Settings) -> None:
         """Run with ``settings`` from now on; running tasks keep the timeout they started with."""
-        self.settings = self.intake.settings = settings
+        self.settings = settings
+        self.intake.apply(settings)
+        self.settler.apply(settings)
+        self.backlog.configure(max_running_bytes=settings.flow.max_inflight_bytes)
         self.resize(settings.workers.concurrency)
-        self.settler.policy = SettlePolicy.of(settings)
-        self.settler.durations.minimum = settings.leases.min_ack_deadline
-        self.settler.durations.maximum = settings.leases.max_ack_deadline
-        self.backlog.max_running_bytes = settings.flow.max_inflight_bytes
 
     def handle_ttin(self) -> None:
         if self.concurrency >= self.max_concurrency:
@@ -310,10 +302,20 @@ class Supervisor:
         self.resize(max(1, self.concurrency - 1))
         self.log.info("workers.resized", concurrency=self.concurrency, signal="SIGTTOU")
 
+    # == what the control socket may ask (control.commands.Steerable) ===========================
+    def status(self) -> dict[str, Any]:
+        return self.reporter.status(self.clock(), self.state.value, self.concurrency, self.paused)
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self.log.info("daemon.paused" if paused else "daemon.resumed", running=self.pool.busy_count(), queued=len(self.backlog))
+
+    def drain(self) -> None:
+        self.signals.record(signal.SIGTERM)  # exactly what SIGTERM does, on the next tick
+
     def resize(self, concurrency: int) -> None:
         self.concurrency = concurrency
-        self.pool.size = concurrency
-        self.pool.retire_surplus()  # idle ones now; busy ones when they finish (on_result)
+        self.pool.resize(concurrency)
 
     # == messages in ===========================================================================
     def collect_inbox(self, now: float) -> None:
@@ -358,7 +360,7 @@ class Supervisor:
         self.pool.kill_busy(reason, now, grace)
 
     def advance_shutdown(self, now: float) -> None:
-        if self.state is State.DRAINING and not self.pool.busy_count() and not self.settler.forwarding:
+        if self.state is State.DRAINING and not self.pool.busy_count() and not self.settler.dead_lettering():
             self.state = State.STOPPED
         elif self.state is State.DRAINING and self.drain_deadline is not None and now >= self.drain_deadline:
             self.log.warning("drain.timeout", running=self.pool.busy_count())
@@ -382,9 +384,8 @@ class Supervisor:
         with self.safety.guard("shutdown"):
             for inflight in self.pool.running():
                 self.settler.settle(inflight, Outcome.SHUTDOWN, now, error="daemon stopped before the task ended")
-            for inflight in [*self.pool.queued(), *self.backlog.take_all(), *self.settler.forwarding.values()]:
+            for inflight in [*self.pool.queued(), *self.backlog.take_all(), *self.settler.take_forwarding()]:
                 self.settler.give_back(inflight)
-            self.settler.forwarding.clear()
         self.resources.close()
         self.state = State.STOPPED
         self.notifier.status("stopped")

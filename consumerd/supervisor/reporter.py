@@ -8,7 +8,9 @@ import contextlib
 import time
 from typing import Any
 
-from consumerd.adapters.prometheus import Health, Metrics, MetricsServer, NullMetrics
+from structlog.stdlib import BoundLogger
+
+from consumerd.adapters.prometheus import Health, Metrics, MetricsServer, MetricsSink
 from consumerd.adapters.systemd import Notifier
 from consumerd.policy.backlog import Backlog
 from consumerd.pool.pool import Pool
@@ -18,9 +20,7 @@ STATUS_INTERVAL = 2.0  # seconds between STATUS= updates and gauge refreshes
 
 
 class Reporter:
-    def __init__(
-        self, notifier: Notifier, metrics: Metrics | NullMetrics, pool: Pool, backlog: Backlog, settler: Settler, puller: Any
-    ) -> None:
+    def __init__(self, notifier: Notifier, metrics: MetricsSink, pool: Pool, backlog: Backlog, settler: Settler, puller: Any) -> None:
         self.notifier = notifier
         self.metrics = metrics
         self.pool = pool
@@ -31,7 +31,7 @@ class Reporter:
         self.ready = False
         self._next_status = 0.0
 
-    def serve(self, listen: str, resources: contextlib.ExitStack, log: Any) -> None:
+    def serve(self, listen: str, resources: contextlib.ExitStack, log: BoundLogger) -> None:
         """Start the HTTP thread for /metrics, /healthz and /readyz (with ``listen`` set)."""
         if listen and isinstance(self.metrics, Metrics):
             server = MetricsServer(self.metrics, listen)
@@ -39,10 +39,9 @@ class Reporter:
             resources.callback(server.stop)
             log.info("metrics.listening", address=server.address)
 
-    def announce_ready(self, now: float, paused: bool, subscription: str, concurrency: int, log: Any) -> None:
+    def announce_ready(self, now: float, paused: bool, subscription: str, concurrency: int, log: BoundLogger) -> None:
         """Ready to the probes, READY=1 to systemd, daemon.ready to the log: in that order, so that
-        whoever saw READY=1 or the log line finds /readyz ready too (it used to wait for the next
-        tick: a test that asked right after daemon.ready got 503 under load)."""
+        whoever saw READY=1 or the log line finds /readyz ready too, without waiting for a tick."""
         self.ready = True
         self.tick(now, "running", paused)
         self.notifier.ready(self.status_text("running"))
@@ -68,7 +67,7 @@ class Reporter:
     def refresh_gauges(self, state: str, concurrency: int) -> None:
         self.metrics.gauges(
             running=self.pool.busy_count(),
-            workers=len(self.pool.workers),
+            workers=self.pool.worker_count(),
             concurrency=concurrency,
             held=len(self.backlog),
             held_bytes=self.backlog.held_bytes,
@@ -79,7 +78,7 @@ class Reporter:
         c = self.settler.counters
         return (
             f"{state}: {self.pool.busy_count()} running, {len(self.backlog)} queued, "
-            f"{c.succeeded} succeeded, {c.failed} failed, {len(self.pool.workers)} workers"
+            f"{c.succeeded} succeeded, {c.failed} failed, {self.pool.worker_count()} workers"
         )
 
     def status(self, now: float, state: str, concurrency: int, paused: bool) -> dict[str, Any]:
@@ -90,7 +89,7 @@ class Reporter:
             "paused": paused,
             "uptime_s": round(now - self.started_at, 1),
             "concurrency": concurrency,
-            "workers": len(self.pool.workers),
+            "workers": self.pool.worker_count(),
             "running": [
                 {
                     "worker_pid": job.pid,
@@ -103,7 +102,7 @@ class Reporter:
                 for job in self.pool.jobs()
             ],
             "queued": len(self.backlog),
-            "dead_lettering": len(self.settler.forwarding),
+            "dead_lettering": self.settler.dead_lettering(),
             "held_bytes": self.backlog.held_bytes,
             "counters": dict(vars(c)),
             "pull_error": self.puller.last_error,

@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from consumerd.adapters.prometheus import NullMetrics
+from structlog.stdlib import BoundLogger
+
+from consumerd.adapters.prometheus import MetricsSink, NullMetrics
 from consumerd.adapters.pubsub.forwarder import DeadLetter, Forwarded
 from consumerd.config import Settings
+from consumerd.ipc.held import InFlight
 from consumerd.ipc.records import Outcome, Result, TaskOptions
 from consumerd.policy import deadletter, delivery
 from consumerd.policy.admission import AttemptCounter
-from consumerd.policy.backlog import Backlog, InFlight
+from consumerd.policy.backlog import Backlog
 from consumerd.policy.delivery import Action, RetryPolicy
 from consumerd.policy.histogram import Histogram
 from consumerd.policy.leases import LeaseSchedule
 from consumerd.pool.pool import WorkerExited
 
+NO_OPTIONS = TaskOptions()
 ADAPTIVE_MIN_SAMPLES = 10  # finished tasks before the lease length follows their durations
 
 
@@ -74,8 +77,8 @@ class Settler:
         durations: Histogram,
         attempts: AttemptCounter,
         counters: Counters,
-        log: Any,
-        metrics: Any = None,
+        log: BoundLogger,
+        metrics: MetricsSink | None = None,
     ) -> None:
         self._ack = ack
         self._modack = modack
@@ -100,8 +103,8 @@ class Settler:
         forward: Callable[[DeadLetter], None] | None,
         backlog: Backlog,
         counters: Counters,
-        log: Any,
-        metrics: Any = None,
+        log: BoundLogger,
+        metrics: MetricsSink | None = None,
     ) -> Settler:
         """A settler for ``settings``: fresh leases, duration histogram and attempt counter."""
         leases = settings.leases
@@ -119,6 +122,38 @@ class Settler:
             metrics=metrics,
         )
 
+    def set_tasks(self, tasks: dict[str, TaskOptions]) -> None:
+        """The tasks the fork server found, with their `@task(...)` options: the one copy of them."""
+        self.task_options = dict(tasks)
+
+    def options_of(self, task: str) -> TaskOptions:
+        return self.task_options.get(task, NO_OPTIONS)
+
+    def apply(self, settings: Settings) -> None:
+        """A reload: the new retry, dead-letter and lease settings apply to attempts that end from now on."""
+        self.policy = SettlePolicy.of(settings)
+        self.durations.set_bounds(settings.leases.min_ack_deadline, settings.leases.max_ack_deadline)
+
+    def attempt_of(self, message_id: str, delivery_attempt: int | None, now: float) -> int:
+        """Which attempt this delivery is: Pub/Sub's count where it keeps one, else ours."""
+        return self.attempts.count(message_id, delivery_attempt, now)
+
+    def prune(self, now: float) -> None:
+        self.attempts.prune(now)
+
+    def next_renewal(self) -> float | None:
+        return self.leases.next_due()
+
+    def dead_lettering(self) -> int:
+        """Messages whose dead-letter copy is being published: they still hold leases."""
+        return len(self.forwarding)
+
+    def take_forwarding(self) -> list[InFlight]:
+        """At shutdown: the messages still being dead-lettered, no longer tracked here."""
+        taken = list(self.forwarding.values())
+        self.forwarding.clear()
+        return taken
+
     def retry_of(self, task: str) -> RetryPolicy:
         """The retry policy for ``task``: its own backoff bounds where `@task` set them."""
         options = self.task_options.get(task)
@@ -135,6 +170,7 @@ class Settler:
     def hold(self, inflight: InFlight, now: float, deadline: float) -> None:
         """A pulled message is ours until settled: its lease is renewed and its bytes counted."""
         self.counters.received += 1
+        self.metrics.received(inflight.attempt)
         self.leases.add(inflight.ack_id, now, deadline)
         self.backlog.hold(inflight)
 

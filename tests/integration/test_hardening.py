@@ -177,7 +177,7 @@ def test_a_consumerd_directory_in_the_working_directory_cannot_replace_the_fork_
 
 
 def _status(socket_path: Path) -> dict:
-    from consumerd.control.server import request
+    from consumerd.control.client import request
 
     return request(str(socket_path), "status")
 

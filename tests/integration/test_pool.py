@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from consumerd.ipc.held import InFlight
 from consumerd.ipc.records import ForkServerSpec, Outcome
 from consumerd.message import Message
-from consumerd.policy.backlog import InFlight
 from consumerd.pool.handles import Mode
 from consumerd.pool.pool import KillReason, Pool, WorkerExited, WorkerResult, WorkerStarted
 

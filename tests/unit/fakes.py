@@ -15,9 +15,9 @@ from typing import Any
 from consumerd.adapters.pubsub.client import Received, RpcCounter, SubscriptionInfo
 from consumerd.adapters.pubsub.puller import PullResult
 from consumerd.config import load_settings
+from consumerd.ipc.held import InFlight
 from consumerd.ipc.records import Outcome, Result, TaskOptions
 from consumerd.message import Message
-from consumerd.policy.backlog import InFlight
 from consumerd.pool.handles import Lost, Slot, outcome_of
 from consumerd.pool.pool import KillReason, RunningJob, WorkerExited, WorkerResult
 from consumerd.supervisor.components import IoThreads
@@ -73,9 +73,6 @@ class Worker:
         self.pid = pid
         self.inflight: InFlight | None = None
         self.tasks_done = 0
-        self.reserved = None
-        self.mode = None
-        self.live = True
         self.slots: dict[int, InFlight] = {}
 
     @property
@@ -122,8 +119,15 @@ class Pool:
     def jobs(self) -> list[Any]:
         return [RunningJob(w.pid, w.inflight, 0.0) for w in self.workers.values() if w.inflight is not None]
 
-    def room(self, worker: Worker, mode: Any, depth: int) -> int:
-        return 1 if worker.inflight is None else 0  # one message per worker: no pipeline here
+    def pick(self, mode: Any, depth: int, reserve: bool = False) -> Worker | None:
+        return next((w for w in self.workers.values() if w.inflight is None), None)  # one message per worker
+
+    def resize(self, size: int) -> None:
+        self.size = size
+        self.retire_surplus()
+
+    def worker_count(self) -> int:
+        return len(self.workers)
 
     def assign(self, worker: Worker, unit: list[InFlight], mode: Any, timeout: float, now: float, batch: bool = False) -> None:
         assert len(unit) == 1, "the fake pool runs one message per worker"

@@ -9,7 +9,8 @@ import socket
 import pytest
 
 from consumerd.adapters.prometheus import HEALTHY_WITHIN, Health
-from consumerd.control.server import MAX_REQUEST, ControlServer, request
+from consumerd.control.client import request
+from consumerd.control.server import MAX_REQUEST, ControlServer
 from consumerd.errors import ConfigError
 
 

@@ -2,10 +2,11 @@
 
 import pytest
 
+from consumerd.ipc.held import InFlight
 from consumerd.ipc.records import Outcome
 from consumerd.message import Message
 from consumerd.policy import delivery
-from consumerd.policy.backlog import Backlog, InFlight
+from consumerd.policy.backlog import Backlog
 from consumerd.policy.delivery import Decision, RetryPolicy, decide
 from consumerd.policy.histogram import Histogram
 

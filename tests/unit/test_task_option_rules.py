@@ -3,9 +3,10 @@
 import pytest
 
 from consumerd.errors import RegistryError
+from consumerd.ipc.held import InFlight
 from consumerd.ipc.records import TaskOptions
 from consumerd.message import Message
-from consumerd.policy.backlog import Backlog, InFlight
+from consumerd.policy.backlog import Backlog
 from consumerd.worker.registry import Registry
 
 

@@ -8,9 +8,10 @@ import pytest
 
 from consumerd import BatchResult, Reject, Retry
 from consumerd.errors import WorkerProtocolError
+from consumerd.ipc.held import InFlight
 from consumerd.ipc.records import Job, Outcome
 from consumerd.message import Message
-from consumerd.policy.backlog import Backlog, InFlight
+from consumerd.policy.backlog import Backlog
 from consumerd.pool.handles import KillReason, Mode, Slot, WorkerHandle, outcome_of
 from consumerd.worker.batch import fates
 from consumerd.worker.registry import REGISTRY, task
