@@ -30,7 +30,7 @@ _MESSAGE_ID_NAMESPACE = uuid.UUID("6f1b0d0e-2f8a-4c11-9a61-2b8f3c4d5e6f")
 PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 # Fields whose value says what happened, for the human-readable MESSAGE line.
 _SUMMARY_FIELDS = ("message_id", "task", "outcome", "attempt", "error", "reason")
-MAX_FIELD = 64 * 1024  # bytes per field value: a task's 150 KB error text is cut, not lost
+MAX_FIELD = 64 * 1024  # bytes per field value: a very long error text is cut, not lost
 _CUT = b"... [cut]"
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 

@@ -27,13 +27,14 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from consumerd.adapters import linux
+
 # Same numbers on every architecture: added after the syscall tables were unified (424+).
 SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
 CREATE_RULESET_VERSION = 1 << 0
 RULE_PATH_BENEATH = 1
 ACCESS_READ_FILE = 1 << 2
 ACCESS_READ_DIR = 1 << 3
-PR_SET_NO_NEW_PRIVS = 38
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -84,8 +85,7 @@ def hide(paths: Iterable[str]) -> Hidden | NotHidden:
     to_grant = grants(paths)
     if not to_grant:
         return NotHidden(f"refusing to hide {', '.join(paths)}: nothing else would stay readable")
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
+    libc = linux.libc()
     if libc.syscall(SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(CREATE_RULESET_VERSION)) < 1:
         return NotHidden(f"Landlock unavailable: {os.strerror(ctypes.get_errno())}")
     attr = _RulesetAttr(ACCESS_READ_FILE | ACCESS_READ_DIR)
@@ -98,8 +98,10 @@ def hide(paths: Iterable[str]) -> Hidden | NotHidden:
             if _grant(libc, int(ruleset), path):
                 count += 1
         # Required to restrict oneself without CAP_SYS_ADMIN (the unit sets NoNewPrivileges= too).
-        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            return NotHidden(f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(ctypes.get_errno())}")
+        try:
+            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+        except OSError as exc:
+            return NotHidden(f"prctl(PR_SET_NO_NEW_PRIVS): {exc.strerror}")
         if libc.syscall(SYS_RESTRICT_SELF, ctypes.c_int(int(ruleset)), ctypes.c_uint32(0)) != 0:
             return NotHidden(f"landlock_restrict_self: {os.strerror(ctypes.get_errno())}")
     finally:

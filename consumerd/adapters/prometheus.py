@@ -1,7 +1,7 @@
 """The Prometheus adapter: the daemon's metrics, and the HTTP thread serving /metrics, /healthz, /readyz.
 
-The loop thread updates the metrics (prometheus-client objects: thread-safe, about a microsecond an
-update) and publishes a `Health` snapshot each tick; the HTTP thread only reads. With
+The loop thread updates the metrics (prometheus-client objects: thread-safe and cheap to update)
+and publishes a `Health` snapshot each tick; the HTTP thread only reads. With
 `[metrics] listen = ""` the daemon uses `NullMetrics`: the same methods doing nothing, no thread.
 Task labels come from the registry's names (a bounded set); any other name is labelled `unknown`.
 """
@@ -12,8 +12,8 @@ import dataclasses
 import http.server
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily
@@ -23,7 +23,6 @@ from prometheus_client.registry import Collector
 
 from consumerd.errors import ConfigError
 from consumerd.ipc.records import Outcome
-from consumerd.pool.handles import KillReason
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 ATTEMPT_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100)
@@ -58,11 +57,45 @@ class Health:
         return ""
 
 
+class MetricsSink(Protocol):
+    """What the loop records its events through: `Metrics`, or `NullMetrics` when nothing is served."""
+
+    def known_tasks(self, names: frozenset[str]) -> None: ...
+
+    def outcome(self, task: str, outcome: str) -> None: ...
+
+    def ran(self, task: str, seconds: float) -> None: ...
+
+    def received(self, attempt: int) -> None: ...
+
+    def forwarded(self, task: str) -> None: ...
+
+    def dead_letter_failed(self, task: str) -> None: ...
+
+    def worker_exited(self, cause: str) -> None: ...
+
+    def renewed(self, leases: int) -> None: ...
+
+    def lapsed(self) -> None: ...
+
+    def gauges(self, *, running: int, workers: int, concurrency: int, held: int, held_bytes: int, state: str) -> None: ...
+
+    def publish_health(self, health: Health) -> None: ...
+
+
 class Metrics:
-    def __init__(self, version: str, rpc_counts: Callable[[], tuple[dict[str, int], dict[tuple[str, str], int]]]) -> None:
+    def __init__(
+        self,
+        version: str,
+        rpc_counts: Callable[[], tuple[dict[str, int], dict[tuple[str, str], int]]],
+        exit_causes: Iterable[str],
+    ) -> None:
+        """``exit_causes``: the worker exit causes whose series exist from the start, at 0 (the
+        pool's bounded set; a cause not listed gets its series when it first happens)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.tasks: frozenset[str] = frozenset()
+        self.exit_causes = tuple(exit_causes)
         self.messages = Counter("consumerd_messages", "Messages by task and how their attempt ended", ["task", "outcome"], registry=r)
         self.duration = Histogram(
             "consumerd_task_duration_seconds", "Time a task function ran", ["task"], buckets=DURATION_BUCKETS, registry=r
@@ -96,8 +129,8 @@ class Metrics:
             self.dead_letter_failures.labels(name)
             for outcome in Outcome:
                 self.messages.labels(name, outcome.value)
-        for cause in (*(r for r in KillReason if r is not KillReason.CHANNEL_CLOSED), "exit_0", "exit_nonzero"):
-            self.worker_exits.labels(str(cause))
+        for cause in self.exit_causes:
+            self.worker_exits.labels(cause)
 
     def _task(self, name: str) -> str:
         return name if name in self.tasks else "unknown"
@@ -222,6 +255,6 @@ def _handler(metrics: Metrics) -> type[http.server.BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
-            pass  # scrapes every 15 s would flood the journal
+            pass  # a line per scrape would flood the journal
 
     return Handler

@@ -1,8 +1,9 @@
 """The sd_notify side of systemd: READY, STATUS, WATCHDOG, STOPPING, RELOADING; a no-op without it.
 
 Built on the `sdnotify` package's socket set-up, with one change that matters: the socket is made
-non-blocking and a send that would block is dropped and counted. The package's blocking send froze
-a whole daemon when the reader stopped reading; a notification is never worth stalling the loop.
+non-blocking and a send that would block is dropped and counted. With the package's blocking send,
+a reader that stops reading would freeze the whole daemon; a notification is never worth stalling
+the loop.
 """
 
 from __future__ import annotations

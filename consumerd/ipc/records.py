@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import json
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 from consumerd.errors import WorkerProtocolError
 from consumerd.message import Message
@@ -66,21 +66,21 @@ class TaskOptions:
     def problems(self) -> list[str]:
         """What is wrong with these values (empty: valid). Checked where they are made and received."""
         out = []
-        if self.timeout is not None and not (_is_number(self.timeout) and 0 < self.timeout <= 86400):
+        if self.timeout is not None and not (is_number(self.timeout) and 0 < self.timeout <= 86400):
             out.append("timeout must be a number of seconds in (0, 86400]")
         if self.concurrency is not None and not (_is_int(self.concurrency) and 1 <= self.concurrency <= 1024):
             out.append("concurrency must be a whole number from 1 to 1024")
         for name in ("min_backoff", "max_backoff"):
             value = getattr(self, name)
-            if value is not None and not (_is_number(value) and 0 <= value <= 600):
+            if value is not None and not (is_number(value) and 0 <= value <= 600):
                 out.append(f"{name} must be a number of seconds from 0 to 600")
-        if _is_number(self.min_backoff) and _is_number(self.max_backoff) and self.min_backoff > self.max_backoff:  # type: ignore[operator]
+        if is_number(self.min_backoff) and is_number(self.max_backoff) and self.min_backoff > self.max_backoff:
             out.append("min_backoff must not exceed max_backoff")
         if self.max_attempts is not None and not (_is_int(self.max_attempts) and 1 <= self.max_attempts <= 1000):
             out.append("max_attempts must be a whole number from 1 to 1000")
         if self.batch_size is not None and not (_is_int(self.batch_size) and 1 <= self.batch_size <= MAX_BATCH):
             out.append(f"batch_size must be a whole number from 1 to {MAX_BATCH}")
-        if self.batch_wait is not None and not (_is_number(self.batch_wait) and 0 <= self.batch_wait <= 60):
+        if self.batch_wait is not None and not (is_number(self.batch_wait) and 0 <= self.batch_wait <= 60):
             out.append("batch_wait must be a number of seconds from 0 to 60")
         if self.batch_wait is not None and self.batch_size is None:
             out.append("batch_wait needs batch_size")
@@ -111,7 +111,7 @@ class Job:
     timeout: float = 0.0  # an async task is cancelled by its worker after this (0: never)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # A slotted dataclass pickles through a Python-level __getstate__: this is ~2x cheaper per job.
+        # A slotted dataclass pickles through a Python-level __getstate__; a plain tuple is cheaper for every job.
         return (Job, (self.seq, self.task, self.message, self.timeout))
 
 
@@ -154,11 +154,11 @@ class Result:
             raise WorkerProtocolError("result: seq must be a positive integer")
         if outcome not in WORKER_OUTCOMES:
             raise WorkerProtocolError(f"result: outcome {str(outcome)[:40]!r} is not one a worker reports")
-        if not (_is_number(duration) and duration >= 0):
+        if not (is_number(duration) and duration >= 0):
             raise WorkerProtocolError("result: duration must be a number >= 0")
         if not (isinstance(error, str) and len(error) <= MAX_ERROR_CHARS):
             raise WorkerProtocolError(f"result: error must be text of at most {MAX_ERROR_CHARS} characters")
-        if retry_after is not None and not (_is_number(retry_after) and retry_after >= 0):
+        if retry_after is not None and not (is_number(retry_after) and retry_after >= 0):
             raise WorkerProtocolError("result: retry_after must be a number >= 0 or null")
         return cls(seq, Outcome(outcome), float(duration), error, None if retry_after is None else float(retry_after))
 
@@ -274,5 +274,6 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> TypeGuard[int | float]:
+    """A real, finite number: not a bool, not NaN or an infinity (what task code and JSON may send)."""
     return (isinstance(value, int | float) and not isinstance(value, bool)) and math.isfinite(value)

@@ -1,6 +1,6 @@
 """Pure: the copy of a message that goes to the dead-letter topic, within the real service's limits.
 
-The emulator enforces none of these, so unit tests hold them (EMULATOR.md): at most 100 attributes,
+The emulator enforces none of these limits, so unit tests hold them: at most 100 attributes,
 keys of at most 256 bytes and values of at most 1,024 bytes (UTF-8), at most 10 MB in all. A copy the
 service rejects would fail forever, so: consumerd's own attributes always fit; an original with too
 many attributes keeps the first ones and folds the rest into `consumerd_folded_attributes` (JSON, cut

@@ -12,9 +12,11 @@ import math
 import random
 from collections.abc import Callable
 
-from consumerd.ipc.records import Outcome
+from consumerd.ipc.records import Outcome, is_number
+from consumerd.policy.backoff import capped_exponential, jittered
 
 MAX_DELAY = 600  # Pub/Sub's ceiling for an ack deadline, hence for a retry delay
+RETRY_DOUBLINGS = 30  # past 2**30 times min_backoff, a retry waits no longer
 
 FAILURES = frozenset({Outcome.ERROR, Outcome.CRASH, Outcome.TIMEOUT})
 POISON = frozenset({Outcome.REJECT, Outcome.UNKNOWN_TASK, Outcome.TOO_LARGE})
@@ -34,8 +36,8 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> int:
         """Exponential in the attempt number, full jitter above the floor: [min, min * 2**(n-1)]."""
-        ceiling = min(self.max_backoff, self.min_backoff * 2.0 ** min(max(attempt, 1) - 1, 30))
-        return clamp_delay(self.min_backoff + rand() * (ceiling - self.min_backoff))
+        ceiling = capped_exponential(self.min_backoff, self.max_backoff, attempt, RETRY_DOUBLINGS)
+        return clamp_delay(jittered(self.min_backoff, ceiling, rand))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Decision:
 
 def valid_retry_after(value: object) -> bool:
     """A delay a task may ask for: a finite number >= 0 (it is capped at MAX_DELAY later)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return is_number(value) and value >= 0
 
 
 def decide(

@@ -20,10 +20,9 @@ def pull_size(concurrency: int, busy: int, buffered: int, requested: int, *, pre
 def prefetch_allowance(concurrency: int, mean_task_seconds: float | None, horizon: float = 0.5, cap: int = 100) -> int:
     """Messages that may wait beyond the free workers: as many as the pool starts within ``horizon``.
 
-    Short tasks get a deep buffer (no worker waits on a pull round trip, and pulls come ~4x fewer and
-    fuller: at 2 x 20 ms tasks, a horizon of 0.1 s sent 170 pulls per 1,000 messages, 0.5 s sent 45,
-    halving the emulator's CPU in `make bench`); tasks as long as the horizon get none, so no message
-    sits leased here while other consumers could run it. Unknown duration: none.
+    Short tasks get a deep buffer (no worker waits on a pull round trip, and pulls come fewer and
+    fuller, which costs Pub/Sub less per message); tasks as long as the horizon get none, so no
+    message sits leased here while other consumers could run it. Unknown duration: none.
     """
     if mean_task_seconds is None or mean_task_seconds >= horizon:
         return 0

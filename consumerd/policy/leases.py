@@ -35,8 +35,8 @@ class LeaseSchedule:
         self._leases: dict[str, Lease] = {}
         # (renewal due, ack id), pruned lazily: an entry whose lease is gone or was renewed since is
         # dropped when it reaches the top. The loop asks for the next due time on every pass, and
-        # the earliest lease is the one acked first, so a cached minimum was recomputed over every
-        # lease on nearly every pass (O(n) per message, n = leases held).
+        # the earliest lease is the one acked first, so a cached minimum would be recomputed over
+        # every lease on nearly every pass (O(n) per message, n = leases held).
         self._heap: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
@@ -60,9 +60,9 @@ class LeaseSchedule:
             self._compact()
 
     def _compact(self) -> None:
-        # Entries of acked leases wait below a long-lived lease until it is renewed: at 3,000 msg/s
-        # that would be ~100,000 of them. Rebuilding once they outnumber the live leases keeps the
-        # heap under 2n + 64 entries for O(1) amortized work per removal.
+        # Entries of acked leases wait below a long-lived lease until it is renewed: at a high
+        # message rate, far more of them than live leases. Rebuilding once they outnumber the live
+        # leases keeps the heap under 2n + 64 entries for O(1) amortized work per removal.
         self._heap = [(self._due(lease), lease.ack_id) for lease in self._leases.values()]
         heapq.heapify(self._heap)
 

@@ -11,9 +11,9 @@ neither read its `/proc/<pid>/environ` and `mem` nor attach to it (the unit also
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from collections.abc import Mapping
+
+from consumerd.adapters import linux
 
 # What the supervisor may hold and task code must not see.
 HIDDEN = frozenset(
@@ -29,7 +29,6 @@ HIDDEN = frozenset(
     }
 )
 HIDDEN_PREFIXES = ("CONSUMERD_",)  # the daemon's own settings (control socket, metrics address...)
-PR_SET_DUMPABLE = 4
 
 
 def task_environment(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
@@ -69,9 +68,9 @@ def credentials_exposure(key_file: str, environ: Mapping[str, str], hide: bool) 
 def make_undumpable() -> bool:
     """PR_SET_DUMPABLE 0: /proc/<our pid>/{environ,mem,maps...} become root's, ptrace is refused,
     and no core dump can leak what we hold. Children that exec (the fork server) start dumpable
-    again, with the stripped environment. False where prctl is not available."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
+    again, with the stripped environment. False where prctl is not available or fails."""
+    try:
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
+    except OSError:
         return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    return True

@@ -10,7 +10,8 @@ import contextlib
 import dataclasses
 import socket
 from collections.abc import Callable
-from typing import Any
+
+from structlog.stdlib import BoundLogger
 
 from consumerd.adapters.pubsub.acker import Acker
 from consumerd.adapters.pubsub.client import PubSub, is_transient
@@ -30,14 +31,14 @@ class IoThreads:
     acker: Acker
     forwarder: Forwarder | None  # with [dead_letter] topic
 
-    def start(self, resources: contextlib.ExitStack, flush_timeout: float, log: Any) -> None:
+    def start(self, resources: contextlib.ExitStack, flush_timeout: float, log: BoundLogger) -> None:
         """Start the threads; each one's stop goes on ``resources`` (the acker's flushes first)."""
         for thread in (self.acker, self.forwarder, self.puller):  # stopped in reverse order
             if thread is not None:
                 thread.start()
                 resources.callback(self._stop, thread, flush_timeout, log)
 
-    def _stop(self, thread: Any, flush_timeout: float, log: Any) -> None:
+    def _stop(self, thread: Puller | Acker | Forwarder, flush_timeout: float, log: BoundLogger) -> None:
         if thread is self.acker and not self.acker.flush(flush_timeout):
             log.error("pubsub.flush_timeout", detail="some acks/nacks were not sent; those messages will be redelivered")
         thread.stop()

@@ -12,7 +12,7 @@ import resource
 
 from consumerd.errors import ConfigError
 
-BASE_FDS = 64  # what the supervisor holds besides its workers (measured ~30), with room to spare
+BASE_FDS = 64  # what the supervisor holds besides its workers (gRPC channels, pipes, sockets), with room to spare
 FDS_PER_WORKER = 2  # its channel, plus one in transit while a replacement is adopted
 
 

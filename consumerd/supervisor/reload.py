@@ -7,7 +7,8 @@ whole and the daemon keeps running with the settings it had.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+
+from structlog.stdlib import BoundLogger
 
 from consumerd.config import Settings, load_settings, reload_plan
 from consumerd.errors import ConfigError
@@ -22,7 +23,7 @@ class Reloader:
     def enabled(self) -> bool:
         return self.config_path is not None
 
-    def reload(self, current: Settings, max_concurrency: int, log: Any) -> Settings | None:
+    def reload(self, current: Settings, max_concurrency: int, log: BoundLogger) -> Settings | None:
         """The settings to run with from now on, or None when the new config is rejected."""
         assert self.config_path is not None
         try:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import collections
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
-from consumerd.policy.backlog import InFlight
+from structlog.stdlib import BoundLogger
+
+from consumerd.ipc.held import InFlight
 from consumerd.supervisor.settler import Counters, Settler
 
 
@@ -37,7 +38,7 @@ class SafetyNet:
         self,
         settler: Settler,
         counters: Counters,
-        log: Any,
+        log: BoundLogger,
         clock: Callable[[], float],
         on_exhausted: Callable[[str], None],
         budget: ErrorBudget | None = None,

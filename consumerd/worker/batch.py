@@ -14,6 +14,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from structlog.stdlib import BoundLogger
+
 from consumerd.errors import Reject, Retry
 from consumerd.ipc.records import MAX_ERROR_CHARS, BatchJob, Outcome, Result
 from consumerd.message import Message
@@ -82,7 +84,7 @@ def fates(returned: Any, messages: list[Message]) -> tuple[list[Fate], list[str]
     return out, problems
 
 
-def batch_results(batch: BatchJob, returned: Any, duration: float, log: Any) -> list[Result]:
+def batch_results(batch: BatchJob, returned: Any, duration: float, log: BoundLogger) -> list[Result]:
     """The results of a batch call that returned ``returned``: one per message, in order."""
     outcomes, problems = fates(returned, [j.message for j in batch.jobs])
     for problem in problems[:10]:

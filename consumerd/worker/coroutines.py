@@ -19,6 +19,8 @@ import socket
 import time
 from typing import Any
 
+from structlog.stdlib import BoundLogger
+
 from consumerd.adapters.proctitle import set_title, worker_title
 from consumerd.errors import TaskCancelled
 from consumerd.ipc.framing import FrameReader, encode_result
@@ -29,7 +31,7 @@ from consumerd.worker.tracing import task_span
 
 
 class AsyncRunner:
-    def __init__(self, sock: socket.socket, reader: FrameReader[Any], registry: Registry, log: Any, worker_id: int) -> None:
+    def __init__(self, sock: socket.socket, reader: FrameReader[Any], registry: Registry, log: BoundLogger, worker_id: int) -> None:
         self.sock = sock
         self.reader = reader
         self.registry = registry

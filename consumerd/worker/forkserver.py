@@ -3,9 +3,9 @@
 Started by exec (never by fork) from the supervisor, with `python -I` and the path of the very
 consumerd package the supervisor runs, so neither the environment nor a `consumerd/` directory in
 the working directory can replace its code. It never inherits a gRPC channel and never imports
-grpc itself unless a task module does. Forking a worker from it costs about a millisecond.
+grpc itself unless a task module does. Forking a worker from it is cheap: the task modules are already imported.
 
-Control protocol on a SOCK_SEQPACKET socket, one JSON packet each (`protocol.ControlPacket`):
+Control protocol on a SOCK_SEQPACKET socket, one JSON packet each (`records.ControlPacket`):
   supervisor -> here: Spawn(worker_id)
   here -> supervisor: Ready(tasks) | PreloadFailed(error)
                       Spawned(worker_id, pid) with the worker's channel fd attached
@@ -18,7 +18,6 @@ worker is killed and reaped within SWEEP_INTERVAL.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pickle
 import selectors
@@ -27,12 +26,13 @@ import socket
 import sys
 
 from consumerd.adapters import landlock
+from consumerd.adapters.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, children_of, kill_group, prctl
 from consumerd.adapters.proctitle import set_title, worker_title
 from consumerd.errors import ConfigError, ExitCode, TaskCancelled, WorkerProtocolError
+from consumerd.ipc.framing import send_packet
 from consumerd.ipc.inbox import drain_fd
 from consumerd.ipc.records import (
     MAX_PACKET,
-    ControlPacket,
     Exited,
     ForkServerSpec,
     PreloadFailed,
@@ -40,37 +40,12 @@ from consumerd.ipc.records import (
     Spawn,
     Spawned,
     decode_control,
-    encode_control,
 )
 from consumerd.logsetup import configure_logging, get_logger
 from consumerd.worker import tracing
-from consumerd.worker.child import (  # imported here once, not in every forked child
-    children_of,
-    reset_process_state,
-    serve,
-)
+from consumerd.worker.child import reset_process_state, serve  # imported here once, not in every forked child
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 SWEEP_INTERVAL = 0.25  # seconds between looks for escaped grandchildren reparented here
-
-_libc: ctypes.CDLL | None = None
-
-
-def prctl(option: int, value: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)  # loaded once, in the fork server: children inherit it
-    if _libc.prctl(option, value, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
-
-
-def send_packet(sock: socket.socket, packet: ControlPacket, fds: list[int] | None = None) -> None:
-    data = encode_control(packet)
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.send(data)
 
 
 class ForkServer:
@@ -224,10 +199,7 @@ class ForkServer:
 
     def kill_all(self) -> None:
         for pid in self.workers:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+            kill_group(pid, signal.SIGKILL)
         self.workers.clear()
         self.kill_strays()
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import structlog
+from structlog.stdlib import BoundLogger
 
 from consumerd.message import Message
 
@@ -24,7 +25,7 @@ _tracer: Any = None
 _provider: Any = None
 
 
-def configure(enabled: bool, log: Any) -> None:
+def configure(enabled: bool, log: BoundLogger) -> None:
     """In the fork server, before any worker is forked (the SDK re-arms its threads after fork)."""
     global _tracer, _provider
     if not enabled:
@@ -45,7 +46,7 @@ def configure(enabled: bool, log: Any) -> None:
     _tracer = trace.get_tracer("consumerd")
 
 
-def _exporter(name: str, log: Any) -> Any:
+def _exporter(name: str, log: BoundLogger) -> Any:
     if name == "none":
         return None
     if name == "console":

@@ -22,6 +22,7 @@ from google.pubsub_v1 import SubscriberClient as GapicSubscriber
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 from google.pubsub_v1.types import pubsub as types
+from structlog.stdlib import BoundLogger
 
 from consumerd.adapters.pubsub import credentials
 from consumerd.config import PubSubSettings, Settings
@@ -103,8 +104,8 @@ class _HotPath:
     """Raw gRPC stubs for pull, ack and modack on the subscriber's channel.
 
     The GAPIC methods convert every request and response through proto-plus and a logging
-    interceptor: several times the CPU of the call itself at thousands of messages a second, and
-    CPU the supervisor's loop then waits for on the GIL. Errors are mapped to the same
+    interceptor: more CPU than the call itself when messages are many, and CPU the supervisor's
+    loop then waits for on the GIL. Errors are mapped to the same
     google.api_core exceptions the GAPIC methods raise.
     """
 
@@ -254,7 +255,7 @@ class PubSub:
     # -- publishing and setup (CLI) --------------------------------------------------------
     def batch_publisher(self, ordered: bool = False) -> pubsub_v1.PublisherClient:
         """The library's batching publisher, on our channel options (ordered: honours ordering keys)."""
-        # Imported here: the daemon never needs it, and it costs the supervisor ~2 MB of RSS (it
+        # Imported here: the daemon never needs it, and it would grow the supervisor's memory (it
         # brings the streaming subscriber and OpenTelemetry with it).
         from google.cloud import pubsub_v1
 
@@ -338,7 +339,7 @@ def connect(
     settings: Settings,
     clock: Callable[[], float],
     wait_or_stop: Callable[[float], bool],
-    log: Any,
+    log: BoundLogger,
 ) -> SubscriptionInfo | None:
     """Describe the subscription, retrying while Pub/Sub is unreachable for up to ``startup_timeout``.
 

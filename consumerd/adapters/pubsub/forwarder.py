@@ -14,8 +14,10 @@ import queue
 import threading
 from collections.abc import Callable, Mapping
 
+import structlog
+from structlog.stdlib import BoundLogger
+
 from consumerd.ipc.inbox import Inbox
-from consumerd.logsetup import get_logger
 from consumerd.policy.backoff import Backoff
 
 MAX_TRIES = 8
@@ -51,7 +53,7 @@ class Forwarder:
         self._queue: queue.SimpleQueue[DeadLetter | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="consumerd-forwarder", daemon=True)
-        self.log = get_logger("consumerd.forwarder")
+        self.log: BoundLogger = structlog.get_logger("consumerd.forwarder")
 
     def start(self) -> None:
         self._thread.start()

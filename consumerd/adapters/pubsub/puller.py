@@ -12,17 +12,17 @@ import threading
 import time
 from collections.abc import Callable
 
-from consumerd.ipc.inbox import Inbox
-from consumerd.logsetup import get_logger
-from consumerd.policy.backoff import Backoff
+import structlog
+from structlog.stdlib import BoundLogger
 
-PULL_TIMEOUT = 30.0  # an empty long-poll returns after about this long (the emulator: minus ~1 s)
+from consumerd.ipc.inbox import Inbox
+from consumerd.policy.backoff import Backoff
 
 
 @dataclasses.dataclass(frozen=True)
 class PullResult:
     asked: int
-    received: list  # list[pubsub.Received]; typed loosely so this module needs no google import
+    received: list  # list[client.Received]; typed loosely so this module needs no google import
     sent_at: float = float("-inf")  # time.monotonic() when the pull that answered was sent
 
 
@@ -32,8 +32,8 @@ class Puller:
         pull: Callable[[int, float], list],
         inbox: Inbox,
         is_transient: Callable[[BaseException], bool],
+        timeout: float,  # pubsub.pull_timeout: an empty long poll returns after about this long
         backoff: Backoff = Backoff(base=0.2, cap=10.0),
-        timeout: float = PULL_TIMEOUT,
     ) -> None:
         self._pull = pull
         self._inbox = inbox
@@ -45,7 +45,7 @@ class Puller:
         self.last_error = ""  # the last pull's failure; empty once one succeeds
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="consumerd-puller", daemon=True)
-        self.log = get_logger("consumerd.puller")
+        self.log: BoundLogger = structlog.get_logger("consumerd.puller")
 
     def start(self) -> None:
         self._thread.start()
