@@ -5,16 +5,22 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EMULATOR_PACKAGES := google-cloud-cli-pubsub-emulator openjdk-17-jre-headless
+CONTAINER_PACKAGES := podman runc conmon catatonit fuse-overlayfs slirp4netns uidmap tini mmdebstrap containernetworking-plugins
+# Every podman call of the project (here and in tests/container) reads this file only.
+export CONTAINERS_CONF := $(CURDIR)/deploy/container/containers.conf
 PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: help venv emulator monitoring systemd-sandbox deb-tools wheel deb lock install-system run test lint unit integration system chaos bench bench-quick fleet clean
+.PHONY: help venv emulator monitoring systemd-sandbox deb-tools wheel deb lock install-system run test lint unit integration system chaos bench bench-quick fleet docs docs-serve container-tools image test-container clean
 
 help:
 	@echo "make run    - start a local Pub/Sub emulator and the daemon with demo tasks (Ctrl-C stops)"
 	@echo "make test   - unit and integration tests against the real emulator"
 	@echo "make lint   - ruff (lint and format) and mypy, as CI runs them"
+	@echo "make docs   - the documentation site, built strictly into site/ (references generated from the code)"
+	@echo "make docs-serve - the same site with live reload on http://127.0.0.1:8000 (loopback only)"
 	@echo "make unit   - only the fast unit tests"
 	@echo "make wheel / make install-system - build a wheel / install as a systemd service (deploy/install.sh)"
 	@echo "make deb   - dist/consumerd_VERSION_ARCH.deb (dh-virtualenv, from deploy/requirements.lock), checked by lintian"
@@ -22,6 +28,8 @@ help:
 	@echo "make bench  - consumerd against the alternatives (~20 min); make bench-quick (< 3 min)"
 	@echo "make chaos  - the 20,000-message fault soak; prints the no-message-lost table"
 	@echo "make fleet  - three hosts (systemd guests with the .deb) on one subscription: throughput, one killed (~2 min)"
+	@echo "make image  - dist/consumerd_VERSION.oci.tar: the OCI image (Debian base, locked wheels), podman without a registry"
+	@echo "make test-container - the image under podman against the emulator: drain, kill, a fleet of three, sandbox (~3 min)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,7 +81,7 @@ deb-tools:
 	fi
 
 # The package is built from a copy of the tree with deploy/debian as its debian/ directory.
-deb: deb-tools
+deb: deb-tools docs
 	rm -rf build/deb && mkdir -p build/deb/consumerd dist
 	tar --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist --exclude='*.egg-info' \
 	  --exclude='__pycache__' --exclude=./.mypy_cache --exclude=./.ruff_cache -cf - . | tar -C build/deb/consumerd -xf -
@@ -94,7 +102,7 @@ lock:
 	  --output-file deploy/requirements.lock pyproject.toml
 
 run: venv emulator
-	$(PY) -m consumerd.testing.devrun --config config/dev.toml
+	$(PY) -m harness.devrun --config config/dev.toml
 
 # The system tests (guests booting, apt, a fleet) mostly wait, and so do the integration tests: they
 # run side by side, each suite in order (guests share this machine's loopback: one at a time).
@@ -111,6 +119,10 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache  # the layering contracts in pyproject.toml
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_layout.py  # no cycles, pure policy, no module over 400 lines
+	$(PY) deploy/kubernetes/validate.py  # every kustomization rendered, each object checked against its schema
+	$(MAKE) --no-print-directory docs  # a page, link or generated reference that does not build fails here
 
 unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
@@ -137,5 +149,36 @@ bench-quick: $(BENCH_STAMP) emulator
 fleet: venv emulator systemd-sandbox deb
 	$(PY) -m bench.fleet
 
+# podman (with runc, see deploy/container/containers.conf) and mmdebstrap from Debian, only if missing.
+container-tools:
+	@missing=; for p in $(CONTAINER_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q ' installed$$' || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# The base root (mmdebstrap, cached as localhost/consumerd-base:bookworm), the locked wheelhouse, podman build
+# --network=none, podman save: deploy/container/build.sh. Prints the archive's size.
+image: venv container-tools
+	PY=$(PY) deploy/container/build.sh
+
+# -s: the tests print their figures (image size, stop-to-exit time, messages lost).
+test-container: venv emulator image
+	$(PY) -m pytest -q -s -p no:cacheprovider --durations=8 tests/container $(PYTEST_ARGS)
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,docs]'
+	touch $@
+
+# mkdocs-material with the hook docs/hooks/reference.py, which fills the configuration and command-line
+# references from the settings model and the argument parser. NO_MKDOCS_2_WARNING quiets the theme's
+# banner about its successor, printed on every build.
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-serve: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict -a 127.0.0.1:8000
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info

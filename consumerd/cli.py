@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from structlog.stdlib import BoundLogger
+
 from consumerd import __version__
 from consumerd.config import Settings, config_path, load_settings
 from consumerd.errors import ConfigError, ConsumerdError, ExitCode
@@ -51,13 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         control_command(commands, name, text)
     scale = control_command(commands, "scale", "set the number of workers")
-    scale.add_argument("n", type=int, metavar="N")
+    scale.add_argument("n", type=int, metavar="N", help="workers to run from now on (1 .. what the open-file limit holds)")
 
     setup = command("setup", "create the topic and subscription if missing (idempotent)")
-    setup.add_argument("--topic", required=True)
-    setup.add_argument("--subscription", required=True)
+    setup.add_argument("--topic", required=True, help="the topic (created if missing): a name or projects/P/topics/T")
+    setup.add_argument("--subscription", required=True, help="its subscription (created if missing): a name or projects/P/subscriptions/S")
     setup.add_argument("--ack-deadline", type=int, default=60, metavar="N", help="seconds (10..600, default 60)")
-    setup.add_argument("--dead-letter-topic", default="", metavar="D")
+    setup.add_argument(
+        "--dead-letter-topic", default="", metavar="D", help="the dead-letter topic of the subscription's policy (created if missing)"
+    )
     setup.add_argument("--max-delivery-attempts", type=int, default=0, metavar="N", help="5..100, with --dead-letter-topic")
     return parser
 
@@ -130,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> ExitCode:
         raise
 
 
-def warn_if_tasks_can_read_the_key(settings: Settings, log: Any) -> None:
+def warn_if_tasks_can_read_the_key(settings: Settings, log: BoundLogger) -> None:
     if settings.pubsub.emulator_host:
         return  # no credentials are used
     key_file = str(settings.pubsub.credentials_path() or "")
@@ -139,7 +143,7 @@ def warn_if_tasks_can_read_the_key(settings: Settings, log: Any) -> None:
         log.warning("workers.credentials_readable", reason=reason)
 
 
-def warn_if_emulator_is_remote(host_port: str, log: Any) -> None:
+def warn_if_emulator_is_remote(host_port: str, log: BoundLogger) -> None:
     """An emulator connection is plaintext without credentials: fine on loopback, not across a network."""
     if not host_port:
         return
@@ -156,7 +160,7 @@ def warn_if_emulator_is_remote(host_port: str, log: Any) -> None:
         )
 
 
-def warn_if_readable_by_others(path: Path | None, settings: Settings, log: object) -> None:
+def warn_if_readable_by_others(path: Path | None, settings: Settings, log: BoundLogger) -> None:
     """The key must be private to the service user; the config must not be writable by others."""
     checks = ((settings.pubsub.credentials_path(), 0o077, "chmod 600"), (path, 0o022, "chmod 644 at most"))
     for candidate, forbidden, fix in checks:
@@ -165,7 +169,7 @@ def warn_if_readable_by_others(path: Path | None, settings: Settings, log: objec
         except OSError:
             continue
         if mode & forbidden:
-            log.warning("security.permissions", file=str(candidate), mode=oct(mode), fix=fix)  # type: ignore[attr-defined]
+            log.warning("security.permissions", file=str(candidate), mode=oct(mode), fix=fix)
 
 
 def cmd_check_config(args: argparse.Namespace) -> ExitCode:
@@ -205,7 +209,7 @@ def cmd_tasks(args: argparse.Namespace) -> ExitCode:
 
 
 def cmd_control(args: argparse.Namespace) -> ExitCode:
-    from consumerd.control.server import request
+    from consumerd.control.client import format_status, request
 
     path = args.socket or _control_socket(args)
     try:
@@ -233,30 +237,6 @@ def _control_socket(args: argparse.Namespace) -> str:
     return (
         os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] + "/control.sock" if os.environ.get("RUNTIME_DIRECTORY") else DEFAULT_SOCKET
     )
-
-
-def format_status(status: dict[str, Any]) -> str:
-    c = status["counters"]
-    lines = [
-        f"state: {status['state']}{' (paused)' if status['paused'] else ''}, up {status['uptime_s']:.0f} s, "
-        f"concurrency {status['concurrency']}, {status['workers']} workers",
-        f"queued {status['queued']}, being dead-lettered {status['dead_lettering']}, held {status['held_bytes']} bytes",
-        f"received {c['received']}, succeeded {c['succeeded']}, failed {c['failed']}, dead-lettered {c['dead_lettered']}, "
-        f"lease lapsed {c['lease_lapsed']}",
-    ]
-    if status.get("pull_error"):
-        lines.append(f"last pull failed: {status['pull_error']}")
-    running = status["running"]
-    lines.append(f"running ({len(running)}):")
-    if running:
-        lines.append(f"  {'PID':>7}  {'TASK':<20} {'MESSAGE ID':<20} {'ATTEMPT':>7} {'RUNNING':>9} {'RSS':>9}")
-        for job in running:
-            rss = f"{job['rss_kb'] / 1024:.1f} MB" if job.get("rss_kb") else "-"
-            lines.append(
-                f"  {job['worker_pid']:>7}  {job['task'][:20]:<20} {job['message_id'][:20]:<20} "
-                f"{job['attempt']:>7} {job['running_s']:>8.1f}s {rss:>9}"
-            )
-    return "\n".join(lines)
 
 
 def cmd_publish(args: argparse.Namespace) -> ExitCode:

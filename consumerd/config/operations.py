@@ -6,16 +6,23 @@ import os
 import re
 from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from consumerd.config.section import Section
 
 
 class LoggingSettings(Section):
-    format: Literal["auto", "json", "console"] = "auto"
-    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    format: Literal["auto", "json", "console", "gcp"] = Field(
+        "auto",
+        description="auto: native journald entries when stdout is the journal, readable console output on a terminal, "
+        "gcp on Cloud Run and Kubernetes, JSON lines otherwise; json: always JSON lines on stdout; console: always "
+        "console output; gcp: Cloud Logging's structured JSON lines (severity, message, time, trace, labels).",
+    )
+    level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="The least level logged.")
     # The least the Google client libraries log at: their debug output holds payloads.
-    google_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    google_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="The least the google, grpc and urllib3 loggers log at, whatever `level` is."
+    )
 
     @field_validator("level", "format", "google_level", mode="before")
     @classmethod
@@ -28,7 +35,11 @@ class LoggingSettings(Section):
 
 
 class MetricsSettings(Section):
-    listen: str = "127.0.0.1:9464"  # HOST:PORT for /metrics, /healthz, /readyz; "" = off; port 0 = any free one
+    listen: str = Field(
+        "127.0.0.1:9464",
+        description="HOST:PORT serving /metrics, /healthz and /readyz (loopback by default). Empty: off. Port 0: any "
+        "free port, logged as `metrics.listening`.",
+    )
 
     @field_validator("listen")
     @classmethod
@@ -41,8 +52,12 @@ class MetricsSettings(Section):
 
 
 class ControlSettings(Section):
-    socket: str = ""  # "" = $RUNTIME_DIRECTORY/control.sock under systemd, else no control socket
-    group: str = ""  # a group whose members may read `status` (the socket becomes 0660)
+    socket: str = Field(
+        "",
+        description="Path of the control socket (`consumerd status|pause|resume|drain|scale`). Empty: "
+        "$RUNTIME_DIRECTORY/control.sock under systemd, else no socket.",
+    )
+    group: str = Field("", description="A group whose members may read `status`: the socket becomes 0660 instead of 0600.")
 
     def socket_path(self) -> str:
         if self.socket:

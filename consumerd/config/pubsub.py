@@ -15,15 +15,37 @@ _SHORT_NAME = re.compile(r"^[A-Za-z][-A-Za-z0-9_.~+%]{2,254}$")
 
 
 class PubSubSettings(Section):
-    project: str = ""
-    subscription: str = ""
-    emulator_host: str = ""
+    project: str = Field(
+        "", description="Google Cloud project. Empty: $GOOGLE_CLOUD_PROJECT, else the project of a full subscription path."
+    )
+    subscription: str = Field(
+        "",
+        description="The subscription to consume: a short name or projects/PROJECT/subscriptions/NAME. "
+        "Required by `run`, which never creates it (`consumerd setup`, Terraform or gcloud do).",
+    )
+    emulator_host: str = Field(
+        "",
+        description="HOST:PORT of a Pub/Sub emulator. Empty: $PUBSUB_EMULATOR_HOST, else the real service. Plaintext and "
+        "without credentials: a host that is not loopback is logged as `pubsub.emulator_not_loopback` at start.",
+    )
     # HOST:PORT of the service over TLS: the global endpoint, a regional one
     # (europe-west1-pubsub.googleapis.com:443) or a Private Service Connect name.
-    endpoint: str = "pubsub.googleapis.com:443"
-    credentials_file: str = ""
-    startup_timeout: float = Field(60.0, gt=0, le=3600)
-    pull_timeout: float = Field(30.0, ge=2, le=60)  # an empty long poll's length; also how soon a hung Pub/Sub shows
+    endpoint: str = Field(
+        "pubsub.googleapis.com:443",
+        description="HOST:PORT of the service, over TLS: the global endpoint, a regional one "
+        "(europe-west1-pubsub.googleapis.com:443) or a Private Service Connect name.",
+    )
+    credentials_file: str = Field(
+        "",
+        description="A service-account key (JSON). A relative path is looked up in systemd's $CREDENTIALS_DIRECTORY "
+        "(LoadCredential=). Empty: Application Default Credentials.",
+    )
+    startup_timeout: float = Field(
+        60.0, gt=0, le=3600, description="Seconds to keep retrying an unreachable Pub/Sub at start-up before exiting with 69."
+    )
+    pull_timeout: float = Field(
+        30.0, ge=2, le=60, description="Seconds an empty long poll waits for messages; also how soon a hung Pub/Sub fails /readyz."
+    )
 
     @model_validator(mode="after")
     def _fill_from_standard_env(self) -> PubSubSettings:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from consumerd.config.settings import Settings
+import pydantic
 
-# What SIGHUP cannot change in a running daemon: the subscription and clients, what the fork server
-# preloaded, and the log renderer. Changing them needs a restart.
+from consumerd.config.settings import Settings
+from consumerd.errors import ConfigError
+
+# What SIGHUP cannot change in a running daemon: the subscription and clients (the dead-letter
+# publisher among them), what the fork server set up before forking (task modules, environment,
+# hidden credentials), and the log renderer. Changing them needs a restart.
 FIXED_ON_RELOAD = (
     "pubsub",
     "tasks",
@@ -14,6 +18,8 @@ FIXED_ON_RELOAD = (
     "tracing",
     "workers.max_tasks_per_child",
     "workers.environment",
+    "workers.hide_credentials",
+    "dead_letter.topic",
     "logging.format",
 )
 
@@ -33,4 +39,10 @@ def reload_plan(old: Settings, new: Settings) -> tuple[Settings, list[str], list
             else:
                 merged[section][key] = value
                 applied.append(name)
-    return Settings.model_validate(merged), applied, refused
+    try:
+        return Settings.model_validate(merged), applied, refused
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(
+            f"the keys a reload may apply ({', '.join(applied)}) do not fit those it must keep ({', '.join(refused)}): {problems}"
+        ) from None

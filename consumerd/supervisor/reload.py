@@ -33,10 +33,10 @@ class Reloader:
                 raise ConfigError(
                     f"workers.concurrency = {new.workers.concurrency} exceeds {max_concurrency}, the most the file descriptor limit holds"
                 )
+            merged, applied, refused = reload_plan(current, new)
         except ConfigError as exc:
             log.error("reload.rejected", error=str(exc), detail="still running with the previous config")
             return None
-        merged, applied, refused = reload_plan(current, new)
         for key in refused:
             log.warning("reload.refused", key=key, detail="cannot change while running: restart to apply")
         configure_logging(merged.logging.format, merged.logging.level, google_level=merged.logging.google_level)

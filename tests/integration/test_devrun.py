@@ -19,7 +19,7 @@ def test_make_run_shows_every_shape_dead_letters_the_failing_demo_and_prints_a_p
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUMERD_", "PUBSUB_", "NOTIFY_SOCKET"))}
     env["CONSUMERD_METRICS__LISTEN"] = "127.0.0.1:0"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "consumerd.testing.devrun", "--config", "config/dev.toml"],
+        [sys.executable, "-m", "harness.devrun", "--config", "config/dev.toml"],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

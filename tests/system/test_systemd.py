@@ -260,7 +260,8 @@ def test_an_install_puts_consumerd_on_path_and_its_documentation_where_the_unit_
     assert guest.sh("command -v consumerd").stdout.strip() == "/usr/local/bin/consumerd"
     assert guest.sh("consumerd --version").returncode == 0
     docs = guest.sh("systemctl show -p Documentation --value consumerd.service").stdout.split()
-    assert docs == ["file:/opt/consumerd/share/doc/consumerd/README.md"]
+    # The HTML site is the .deb's (make deb builds it); both installers copy the README.
+    assert docs == ["file:///usr/share/doc/consumerd/html/index.html", "file:/opt/consumerd/share/doc/consumerd/README.md"]
     assert guest.sh("test -s /opt/consumerd/share/doc/consumerd/README.md").returncode == 0
     assert guest.sh("touch /opt/src/x", check=False).returncode != 0  # it was installed from a read-only checkout
 

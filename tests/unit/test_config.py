@@ -44,7 +44,7 @@ def test_defaults_match_the_documented_contract(tmp_path):
         ("tasks", "modules", '"myapp.tasks"', "valid list"),
         ("tasks", "modules", '["not a module"]', "not a Python module name"),
         ("tasks", "route_attribute", '""', "at least 1 character"),
-        ("logging", "format", '"xml"', "'auto', 'json' or 'console'"),
+        ("logging", "format", '"xml"', "'auto', 'json', 'console' or 'gcp'"),
         ("logging", "level", '"loud"', "'debug'"),
         ("pubsub", "subscription", '"a/b"', "subscription name"),
         ("pubsub", "emulator_host", '"localhost"', "HOST:PORT"),
@@ -154,3 +154,34 @@ def test_the_endpoint_is_host_and_port_and_reaches_the_channel(tmp_path, monkeyp
     monkeypatch.setattr("grpc.secure_channel", lambda target, tls, options: seen.update(target=target, tls=tls) or "channel")
     assert PubSub(settings)._channel(SubscriberGrpcTransport) == "channel"
     assert seen == {"target": "europe-west1-pubsub.googleapis.com:443", "tls": "tls+creds"}
+
+
+def test_a_reload_refuses_what_was_built_at_start_and_applies_the_rest():
+    from consumerd.config import Settings, reload_plan
+
+    old = Settings.model_validate({"pubsub": {"project": "proj", "subscription": "jobs"}})
+    new = Settings.model_validate(
+        {
+            "pubsub": {"project": "proj", "subscription": "jobs"},
+            "dead_letter": {"topic": "dlq"},
+            "workers": {"hide_credentials": False, "concurrency": 3},
+        }
+    )
+    merged, applied, refused = reload_plan(old, new)
+    assert sorted(refused) == ["dead_letter.topic", "workers.hide_credentials"]
+    assert applied == ["workers.concurrency"]
+    assert (merged.dead_letter.topic, merged.workers.hide_credentials, merged.workers.concurrency) == ("", True, 3)
+
+
+def test_a_reload_whose_applied_keys_need_a_refused_one_is_one_config_error():
+    import pytest
+
+    from consumerd.config import Settings, reload_plan
+    from consumerd.errors import ConfigError
+
+    old = Settings.model_validate({"pubsub": {"project": "proj", "subscription": "jobs"}})
+    new = Settings.model_validate(
+        {"pubsub": {"project": "proj", "subscription": "jobs"}, "dead_letter": {"topic": "dlq", "max_attempts": 7}}
+    )
+    with pytest.raises(ConfigError, match=r"dead_letter.max_attempts.*dead_letter.topic.*needs a topic"):
+        reload_plan(old, new)

@@ -113,7 +113,8 @@ def try_it(host: str) -> str:
     return (
         "devrun: send your own message from another terminal:\n"
         f"  PUBSUB_EMULATOR_HOST={host} GOOGLE_CLOUD_PROJECT={PROJECT} {cli} publish --topic {TOPIC} --attr task=echo 'hi there'\n"
-        f"  (tasks: echo, hash, sleep, resize, fetch, rows, fail, noop; status: {cli} status --socket {CONTROL_SOCKET})"
+        f"  (tasks: echo, hash, sleep, resize, fetch, rows, fail, noop; status: {cli} status --socket {CONTROL_SOCKET})\n"
+        "devrun: the documentation: make docs-serve, then open http://127.0.0.1:8000"
     )
 
 
