@@ -37,6 +37,27 @@ TASK_SECONDS = 0.1  # I/O-bound: each host's ideal is CONCURRENCY / TASK_SECONDS
 ACK_DEADLINE = 10
 
 
+def done_counts(ledgers: list[Path]) -> dict[str, int]:
+    """message id -> how many times a task finished it, across these hosts' ledger files.
+
+    The fleet's check (also the container fleet's, tests/container): a published id missing here is
+    lost; a count above 1 is a duplicate (at least once: a task finished, its ack did not)."""
+    counts: dict[str, int] = {}
+    for path in ledgers:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "done":
+                    counts[parts[1]] = counts.get(parts[1], 0) + 1
+    return counts
+
+
+def tally(ids: list[str], counts: dict[str, int]) -> dict[str, int]:
+    """The verdict on published ``ids`` given `done_counts`: how many never finished, how many twice."""
+    published = set(ids)
+    return {"lost": len(published - set(counts)), "duplicates": sum(c - 1 for i, c in counts.items() if c > 1 and i in published)}
+
+
 def deb() -> Path:
     """The package built from this tree (`make deb` now, if it is not there yet)."""
     version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)  # type: ignore[union-attr]
@@ -115,15 +136,7 @@ class Fleet:
 
     def done(self) -> dict[str, int]:
         """message id -> how many times a task finished it, across every host's ledger."""
-        counts: dict[str, int] = {}
-        for i in range(self.hosts):
-            path = self.dir / f"host{i}" / "ledger.txt"
-            if path.exists():
-                for line in path.read_text().splitlines():
-                    parts = line.split()
-                    if len(parts) >= 2 and parts[0] == "done":
-                        counts[parts[1]] = counts.get(parts[1], 0) + 1
-        return counts
+        return done_counts([self.dir / f"host{i}" / "ledger.txt" for i in range(self.hosts)])
 
     def done_on(self, i: int) -> int:
         path = self.dir / f"host{i}" / "ledger.txt"
@@ -178,9 +191,8 @@ class Fleet:
             "hosts": self.hosts,
             "done_before_kill": done_before,
             "done_per_host": [self.done_on(i) for i in range(self.hosts)],
-            "lost": len(set(ids) - set(counts)),
+            **tally(ids, counts),
             "finished_s_after_kill": round(finished - killed_at, 1),
-            "duplicates": sum(c - 1 for c in counts.values() if c > 1),
             "ack_deadline_s": ACK_DEADLINE,
         }
 

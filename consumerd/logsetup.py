@@ -1,36 +1,72 @@
 """The one structlog configuration, shared by the supervisor and its workers.
 
-JSON lines on stdout when it is not a terminal (what journald captures), readable console output on
-a terminal. The stdlib loggers of google-cloud and grpc go through the same pipeline.
+Native journal entries when stdout is the journal; readable console output on a terminal; Cloud
+Logging's structured JSON on Cloud Run and Kubernetes (`gcp`); plain JSON lines otherwise. The
+stdlib loggers of google-cloud and grpc go through the same pipeline.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import sys
-from typing import Literal, TextIO
+from collections.abc import Mapping
+from typing import Any, Literal, TextIO
 
 import structlog
 
 from consumerd.adapters.journal import JournalHandler, JournalLogger, JournalSender, stdout_is_journal
 
-LogFormat = Literal["auto", "json", "console"]
+LogFormat = Literal["auto", "json", "console", "gcp"]
 
 
-def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None, google_level: str = "info") -> None:
+class Output(enum.Enum):
+    """What `auto` (or an explicit format) resolves to in this process."""
+
+    JOURNAL = "journal"
+    CONSOLE = "console"
+    JSON = "json"
+    GCP = "gcp"
+
+
+# Set by Cloud Run (services: K_SERVICE; worker pools: CLOUD_RUN_WORKER_POOL) and by Kubernetes in
+# every container: their log agents read stdout and understand Cloud Logging's structured lines.
+CLOUD_ENVIRONMENT = ("CLOUD_RUN_WORKER_POOL", "K_SERVICE", "KUBERNETES_SERVICE_HOST")
+
+
+def resolve_output(fmt: LogFormat, stream: TextIO, environ: Mapping[str, str] | None = None) -> Output:
+    environ = os.environ if environ is None else environ
+    if fmt == "auto":
+        if stream is sys.stdout and stdout_is_journal(environ):
+            return Output.JOURNAL
+        if _is_tty(stream):
+            return Output.CONSOLE
+        return Output.GCP if any(environ.get(name) for name in CLOUD_ENVIRONMENT) else Output.JSON
+    return {"json": Output.JSON, "console": Output.CONSOLE, "gcp": Output.GCP}[fmt]
+
+
+def configure_logging(
+    fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None, google_level: str = "info", project: str = ""
+) -> None:
     """``google_level``: the least the google, grpc and urllib3 loggers log at, whatever ``level`` is
-    (their debug output includes request payloads, dead-letter copies among them)."""
+    (their debug output includes request payloads, dead-letter copies among them). ``project``: the
+    Google Cloud project traces belong to, for the `gcp` format's trace field."""
     global _google_floor
     _google_floor = logging.getLevelName(google_level.upper())
     stream = stream or sys.stdout
-    if fmt == "auto" and stream is sys.stdout and stdout_is_journal():
+    output = resolve_output(fmt, stream)
+    if output is Output.JOURNAL:
         _configure_journal(level)
         return
-    use_console = fmt == "console" or (fmt == "auto" and _is_tty(stream))
-    renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer(colors=use_console and _is_tty(stream)) if use_console else structlog.processors.JSONRenderer()
-    )
+    use_console = output is Output.CONSOLE
+    renderer: list[structlog.types.Processor]
+    if use_console:
+        renderer = [structlog.dev.ConsoleRenderer(colors=_is_tty(stream))]
+    elif output is Output.GCP:
+        renderer = [structlog.processors.format_exc_info, CloudLoggingEntry(project), structlog.processors.JSONRenderer()]
+    else:
+        renderer = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     shared: list[structlog.types.Processor] = [
         _add_pid,
         structlog.contextvars.merge_contextvars,
@@ -39,17 +75,74 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: Text
     ]
     numeric_level = logging.getLevelName(level.upper())
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info if not use_console else _identity,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.StackInfoRenderer(), *renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=structlog.WriteLoggerFactory(file=_LineFlushingStream(stream)),  # type: ignore[arg-type]  # a duck-typed TextIO
         cache_logger_on_first_use=False,
     )
     _route_stdlib_logging(shared, renderer, numeric_level, stream)
+
+
+# Cloud Logging's structured-logging fields: https://cloud.google.com/logging/docs/structured-logging
+TRACE = "logging.googleapis.com/trace"
+SPAN_ID = "logging.googleapis.com/spanId"
+LABELS = "logging.googleapis.com/labels"
+SOURCE_LOCATION = "logging.googleapis.com/sourceLocation"
+SEVERITY = {"debug": "DEBUG", "info": "INFO", "warning": "WARNING", "error": "ERROR", "critical": "CRITICAL"}
+LABEL_FIELDS = ("subscription", "task", "message_id")  # bound by the worker around each task, or given to an event
+_SUMMARY_FIELDS = ("error", "detail")  # the first present follows the event name in `message`
+_SUMMARY_MAX = 200  # characters of that text in `message`; the field itself stays whole
+_RESERVED = ("severity", "message", "time", TRACE, SPAN_ID, LABELS, SOURCE_LOCATION)
+
+
+class CloudLoggingEntry:
+    """An event dict as one Cloud Logging structured entry: severity, message, time, trace, labels.
+
+    `message` is what the Logs Explorer shows on the entry's line: the event name, then the event's
+    `error` (or `detail`) text when it has one; `event` stays a field of its own, so queries on
+    `jsonPayload.event` work as with the json format. Errors carry their source location, found the
+    way `CallsiteParameterAdder` finds it (the log call's frame; a stdlib record's own fields).
+    """
+
+    def __init__(self, project: str) -> None:
+        self.project = project
+        self._callsite = structlog.processors.CallsiteParameterAdder(
+            {
+                structlog.processors.CallsiteParameter.PATHNAME,
+                structlog.processors.CallsiteParameter.LINENO,
+                structlog.processors.CallsiteParameter.FUNC_NAME,
+            },
+            additional_ignores=[__name__],
+        )
+
+    def __call__(self, logger: Any, name: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
+        severity = SEVERITY.get(str(event.pop("level", name)), "DEFAULT")
+        entry: dict[str, Any] = {"severity": severity, "message": _summary(event), "time": event.pop("timestamp", None)}
+        trace_id, span_id = event.pop("trace_id", None), event.pop("span_id", None)
+        if trace_id and self.project:
+            entry[TRACE] = f"projects/{self.project}/traces/{trace_id}"
+            if span_id:
+                entry[SPAN_ID] = span_id
+        elif trace_id:  # no project to name the trace with: the bare ids still link by hand
+            event.update(trace_id=trace_id, span_id=span_id)
+        labels = {key: str(event.pop(key)) for key in LABEL_FIELDS if isinstance(event.get(key), str | int)}
+        if labels:
+            entry[LABELS] = labels
+        if severity in ("ERROR", "CRITICAL"):
+            site = self._callsite(logger, name, {k: event[k] for k in ("_record", "_from_structlog") if k in event})
+            entry[SOURCE_LOCATION] = {"file": site.get("pathname"), "line": site.get("lineno"), "function": site.get("func_name")}
+        for key, value in event.items():
+            entry[f"{key}_" if key in _RESERVED else key] = value  # a task's own `message=` must not hide ours
+        return entry
+
+
+def _summary(event: Mapping[str, Any]) -> str:
+    name = str(event.get("event", ""))
+    for key in _SUMMARY_FIELDS:
+        text = event.get(key)
+        if text not in (None, ""):
+            return f"{name}: {str(text)[:_SUMMARY_MAX]}"
+    return name
 
 
 def _configure_journal(level: str) -> None:
@@ -83,7 +176,7 @@ def _set_levels(root: logging.Logger, level: int) -> None:
 
 def _route_stdlib_logging(
     shared: list[structlog.types.Processor],
-    renderer: structlog.types.Processor,
+    renderer: list[structlog.types.Processor],
     level: int,
     stream: TextIO,
 ) -> None:
@@ -91,7 +184,8 @@ def _route_stdlib_logging(
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            # The record's own fields are dropped only now: the gcp entry reads its source location from them.
+            processors=[*renderer[:-1], structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer[-1]],
         )
     )
     root = logging.getLogger()
@@ -102,10 +196,6 @@ def _route_stdlib_logging(
 def _add_pid(_logger: object, _name: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
     # Read at each event, not bound once: workers are forked from the fork server.
     event.setdefault("pid", os.getpid())
-    return event
-
-
-def _identity(_logger: object, _name: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
     return event
 
 

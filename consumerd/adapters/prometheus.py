@@ -1,7 +1,7 @@
-"""The Prometheus adapter: the daemon's metrics, and the HTTP thread serving /metrics, /healthz, /readyz.
+"""The Prometheus adapter: the daemon's metrics, and what the HTTP thread answers on /metrics, /healthz, /readyz.
 
 The loop thread updates the metrics (prometheus-client objects: thread-safe and cheap to update)
-and publishes a `Health` snapshot each tick; the HTTP thread only reads. With
+and publishes a `Health` snapshot each tick; the HTTP thread (`probes.ProbeServer`) only reads. With
 `[metrics] listen = ""` the daemon uses `NullMetrics`: the same methods doing nothing, no thread.
 Task labels come from the registry's names (a bounded set); any other name is labelled `unknown`.
 """
@@ -9,10 +9,9 @@ Task labels come from the registry's names (a bounded set); any other name is la
 from __future__ import annotations
 
 import dataclasses
-import http.server
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -21,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from consumerd.adapters.probes import ProbeServer, response
 from consumerd.errors import ConfigError
 from consumerd.ipc.records import Outcome
 
@@ -209,52 +209,32 @@ class _RpcCollector(Collector):
 
 
 class MetricsServer:
-    """A thread serving /metrics, /healthz and /readyz; it never touches the loop's state."""
+    """/metrics, /healthz and /readyz, served by a `ProbeServer` (a thread of its own that only reads)."""
 
-    def __init__(self, metrics: Metrics, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
+    def __init__(self, metrics: Metrics, listen: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.metrics = metrics
         try:
-            self.httpd = http.server.ThreadingHTTPServer((host.strip("[]"), int(port)), _handler(metrics))
+            self.server = ProbeServer(listen, self.route, clock)
         except OSError as exc:
             raise ConfigError(
                 f'metrics.listen: cannot listen on {listen}: {exc.strerror} (choose another port, or "" to turn it off)'
             ) from None
-        self.httpd.daemon_threads = True
-        self.address = f"{host}:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="consumerd-metrics", daemon=True)
+        self.address = self.server.address
 
     def start(self) -> None:
-        self._thread.start()
+        self.server.start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.stop()
 
-
-def _handler(metrics: Metrics) -> type[http.server.BaseHTTPRequestHandler]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._reply(200, metrics.exposition(), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                live = metrics.health.live(time.monotonic())
-                self._reply(200 if live else 503, b"ok\n" if live else b"the loop has not ticked for 5 s\n")
-            elif path == "/readyz":
-                reason = metrics.health.not_ready_because()
-                self._reply(503 if reason else 200, (reason or "ready").encode()[:300] + b"\n")
-            else:
-                self._reply(404, b"not found: /metrics, /healthz, /readyz\n")
-
-        def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # a line per scrape would flood the journal
-
-    return Handler
+    def route(self, path: bytes) -> bytes:
+        if path == b"/metrics":
+            return response(HTTPStatus.OK, self.metrics.exposition(), CONTENT_TYPE_LATEST)
+        if path == b"/healthz":
+            live = self.metrics.health.live(time.monotonic())
+            status, body = (HTTPStatus.OK, b"ok\n") if live else (HTTPStatus.SERVICE_UNAVAILABLE, b"the loop has not ticked for 5 s\n")
+            return response(status, body)
+        if path == b"/readyz":
+            reason = self.metrics.health.not_ready_because()
+            return response(HTTPStatus.SERVICE_UNAVAILABLE if reason else HTTPStatus.OK, (reason or "ready").encode()[:300] + b"\n")
+        return response(HTTPStatus.NOT_FOUND, b"not found: /metrics, /healthz, /readyz\n")

@@ -3,8 +3,10 @@
 An AF_UNIX stream socket, mode 0600 (0660 with `[control] group`), served from the supervisor's
 selector: accepting, reading and writing never block the loop. One request per connection, a JSON
 line of at most MAX_REQUEST bytes; a client that sends more, or is silent for CLIENT_TIMEOUT, is
-dropped. SO_PEERCRED tells who is asking: anyone who can connect may read `status`; only root or the
-daemon's own uid may change anything.
+dropped. At most MAX_CLIENTS are open at once, a new one taking the place of the oldest: a flood of
+connections holds that many descriptors, never more, and the next `consumerd status` (a new
+connection too) is still answered. SO_PEERCRED tells who is asking: anyone who can connect may
+read `status`; only root or the daemon's own uid may change anything.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from consumerd.errors import ConfigError
 
 MAX_REQUEST = 4096
 CLIENT_TIMEOUT = 2.0
+MAX_CLIENTS = 16  # at once; one operator's commands need one
 
 
 class Command(enum.StrEnum):
@@ -82,6 +85,12 @@ class ControlServer:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return None
+        except OSError:  # out of descriptors: free one of ours; the waiting client is taken next time
+            if self.clients:
+                self.drop(next(iter(self.clients.values())))
+            return None
+        if len(self.clients) >= MAX_CLIENTS:
+            self.drop(next(iter(self.clients.values())))  # the oldest: dicts keep the order clients came in
         conn.setblocking(False)
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
@@ -91,6 +100,8 @@ class ControlServer:
 
     def read(self, client: Client) -> Request | None:
         """The client's request once its line is complete; None while incomplete. Drops bad clients."""
+        if client.sock.fileno() == -1:
+            return None  # evicted earlier in this turn of the loop; its event was already reported
         try:
             chunk = client.sock.recv(MAX_REQUEST + 1)
         except BlockingIOError:

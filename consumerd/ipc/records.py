@@ -101,6 +101,7 @@ class ForkServerSpec:
     tracing: bool = False
     environment: tuple[tuple[str, str], ...] = ()  # [workers] environment: added for task code
     hidden_paths: tuple[str, ...] = ()  # made unreadable before any task module is imported (`landlock`)
+    project: str = ""  # pubsub.project: the `gcp` log format names each task's trace with it
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

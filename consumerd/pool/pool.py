@@ -70,6 +70,7 @@ def fork_server_spec(settings: Settings) -> ForkServerSpec:
         tracing=settings.tracing.enabled,
         environment=tuple(settings.workers.environment.items()),
         hidden_paths=hidden_from_tasks(os.environ) if settings.workers.hide_credentials else (),
+        project=settings.pubsub.project,
     )
 
 

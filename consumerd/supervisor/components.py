@@ -31,15 +31,16 @@ class IoThreads:
     acker: Acker
     forwarder: Forwarder | None  # with [dead_letter] topic
 
-    def start(self, resources: contextlib.ExitStack, flush_timeout: float, log: BoundLogger) -> None:
-        """Start the threads; each one's stop goes on ``resources`` (the acker's flushes first)."""
+    def start(self, resources: contextlib.ExitStack, flush_timeout: Callable[[], float], log: BoundLogger) -> None:
+        """Start the threads; each one's stop goes on ``resources`` (the acker's flushes first, for
+        ``flush_timeout()`` seconds: asked at exit, so a reload's value counts)."""
         for thread in (self.acker, self.forwarder, self.puller):  # stopped in reverse order
             if thread is not None:
                 thread.start()
                 resources.callback(self._stop, thread, flush_timeout, log)
 
-    def _stop(self, thread: Puller | Acker | Forwarder, flush_timeout: float, log: BoundLogger) -> None:
-        if thread is self.acker and not self.acker.flush(flush_timeout):
+    def _stop(self, thread: Puller | Acker | Forwarder, flush_timeout: Callable[[], float], log: BoundLogger) -> None:
+        if thread is self.acker and not self.acker.flush(flush_timeout()):
             log.error("pubsub.flush_timeout", detail="some acks/nacks were not sent; those messages will be redelivered")
         thread.stop()
 

@@ -34,7 +34,7 @@ from consumerd.ipc.records import Outcome
 from consumerd.logsetup import get_logger
 from consumerd.policy.backlog import Backlog
 from consumerd.pool.handles import EXIT_CAUSES, KillReason, PoolEvent, WorkerExited, WorkerResult, WorkerStarted
-from consumerd.pool.pool import KILL_GRACE, ForkServerDied, fork_server_spec
+from consumerd.pool.pool import ForkServerDied, fork_server_spec
 from consumerd.supervisor.components import Components
 from consumerd.supervisor.descriptors import check_concurrency, max_concurrency, raise_nofile
 from consumerd.supervisor.intake import STALL, Intake
@@ -50,7 +50,6 @@ MAX_SLEEP = 1.0
 # Timeouts, kill escalation, lease renewals, watchdog and status are checked this often. Leases are
 # renewed with 40 % of their deadline (>= 4 s) to spare, so a 0.1 s lateness costs nothing.
 HOUSEKEEPING_INTERVAL = 0.1
-FLUSH_TIMEOUT = 10.0  # seconds to wait for the last acks/nacks at exit
 
 
 class State(enum.Enum):
@@ -192,7 +191,7 @@ class Supervisor:
 
     def start_io_threads(self) -> None:
         self.selector.register(self.inbox.fd, selectors.EVENT_READ, lambda: None)  # read in collect_inbox
-        self.io.start(self.resources, FLUSH_TIMEOUT, self.log)
+        self.io.start(self.resources, lambda: self.settings.shutdown.flush_timeout, self.log)
 
     def notify_ready(self) -> None:
         self.state = State.RUNNING
@@ -346,10 +345,10 @@ class Supervisor:
         unstarted = self.backlog.take_all()
         for inflight in unstarted:
             self.settler.give_back(inflight)
-        drain = self.settings.shutdown.drain_timeout
+        drain, shutdown = self.settings.shutdown.drain_timeout, self.settings.shutdown
         self.drain_deadline = now + drain
         self.notifier.stopping(self.reporter.status_text(self.state.value))
-        self.notifier.extend_timeout(drain + KILL_GRACE + FLUSH_TIMEOUT)
+        self.notifier.extend_timeout(drain + shutdown.kill_grace + shutdown.flush_timeout)
         self.log.info("drain.started", running=self.pool.busy_count(), given_back=len(unstarted), drain_timeout=drain)
 
     def stop_running_tasks(self, reason: KillReason, grace: float) -> None:
@@ -364,7 +363,7 @@ class Supervisor:
             self.state = State.STOPPED
         elif self.state is State.DRAINING and self.drain_deadline is not None and now >= self.drain_deadline:
             self.log.warning("drain.timeout", running=self.pool.busy_count())
-            self.stop_running_tasks(KillReason.DRAIN_TIMEOUT, KILL_GRACE)
+            self.stop_running_tasks(KillReason.DRAIN_TIMEOUT, self.settings.shutdown.kill_grace)
         elif self.state is State.STOPPING and (not self.pool.busy_count() or now >= (self.stop_deadline or now)):
             self.state = State.STOPPED
 

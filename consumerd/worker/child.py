@@ -160,7 +160,7 @@ def run_batch(batch: BatchJob, registry: Registry, log: BoundLogger) -> list[Res
         return [Result(j.seq, Outcome.UNKNOWN_TASK, 0.0, f"unknown task {batch.task!r}") for j in batch.jobs]
     started = time.monotonic()
     try:
-        with task_span(batch.jobs[0].message, batch.task):
+        with task_span(batch.jobs[0].message, batch.task, batch=True):
             returned = spec.func([j.message for j in batch.jobs])
     except TaskCancelled:
         raise

@@ -207,7 +207,7 @@ class ForkServer:
 def main() -> int:
     control = socket.socket(fileno=int(sys.argv[1]))
     spec = pickle.loads(control.recv(MAX_PACKET))  # from the supervisor, which is trusted
-    configure_logging(spec.log_format, spec.log_level)
+    configure_logging(spec.log_format, spec.log_level, project=spec.project)
     try:
         return ForkServer(control, spec).run()
     except (BrokenPipeError, ConnectionResetError):

@@ -6,7 +6,8 @@ each task the worker starts a CONSUMER span `<subscription> process` as that con
 the OpenTelemetry messaging attributes, and makes it current while the task runs, so the task's own
 spans and its log events (`trace_id`) join the publisher's trace. The exporter is the one the
 standard `OTEL_TRACES_EXPORTER` names (otlp when its package is installed, console, or none). With
-tracing off or the SDK missing, `task_span` is a no-op.
+tracing off or the SDK missing, `task_span` only binds the task's log context: every event logged
+while it runs carries `subscription`, `task` and `message_id` (the `gcp` format's labels).
 """
 
 from __future__ import annotations
@@ -73,10 +74,21 @@ class _Carrier:
 
 
 @contextlib.contextmanager
-def task_span(message: Message, task: str) -> Iterator[None]:
-    if _tracer is None:
-        yield
-        return
+def task_span(message: Message, task: str, batch: bool = False) -> Iterator[None]:
+    """``batch``: ``message`` is the first of several; no one message id describes the call."""
+    context = {"subscription": message.subscription, "task": task}
+    if not batch:
+        context["message_id"] = message.message_id
+    with structlog.contextvars.bound_contextvars(**context):
+        if _tracer is None:
+            yield
+        else:
+            with _span(message, task):
+                yield
+
+
+@contextlib.contextmanager
+def _span(message: Message, task: str) -> Iterator[None]:
     from opentelemetry import trace
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -94,8 +106,8 @@ def task_span(message: Message, task: str) -> Iterator[None]:
     with _tracer.start_as_current_span(
         f"{subscription} process", context=parent, kind=trace.SpanKind.CONSUMER, attributes=attributes
     ) as span:
-        trace_id = format(span.get_span_context().trace_id, "032x")
-        with structlog.contextvars.bound_contextvars(trace_id=trace_id):
+        ids = span.get_span_context()
+        with structlog.contextvars.bound_contextvars(trace_id=format(ids.trace_id, "032x"), span_id=format(ids.span_id, "016x")):
             yield
 
 

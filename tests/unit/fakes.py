@@ -85,6 +85,7 @@ class Pool:
         self.size = size
         self.workers = {pid: Worker(pid) for pid in range(100, 100 + size)}
         self.killed: list[tuple[int, KillReason]] = []
+        self.kill_graces: list[float] = []
         self._control_r, self._control_w = os.pipe()
 
     def start(self) -> dict[str, TaskOptions]:
@@ -154,6 +155,7 @@ class Pool:
 
     def kill_busy(self, reason: KillReason, now: float, grace: float) -> None:
         self.killed += [(w.pid, reason) for w in self.workers.values() if w.inflight]
+        self.kill_graces.append(grace)
 
     def stop(self) -> None:
         os.close(self._control_r)

@@ -71,6 +71,18 @@ def test_drain_gives_back_what_waits_lets_running_tasks_finish_then_stops(h):
     assert h.acker.acked == ["ack-m1", "ack-m2"]
 
 
+def test_a_drain_ends_with_the_configured_kill_grace_and_asks_systemd_for_all_three_figures(tmp_path):
+    h = Harness(write_config(tmp_path / "c.toml", "[shutdown]\ndrain_timeout = 3\nkill_grace = 2\nflush_timeout = 4\n"))
+    extended: list[float] = []
+    h.sup.notifier.extend_timeout = extended.append  # type: ignore[method-assign]
+    h.pull(h.message())
+    h.signal(signal.SIGTERM)
+    assert extended == [3 + 2 + 4]
+    h.clock.advance(3.1)
+    h.sup.tick()
+    assert h.pool.killed == [(100, KillReason.DRAIN_TIMEOUT)] and h.pool.kill_graces == [2]
+
+
 def test_a_second_sigterm_stops_running_tasks_quickly(h):
     h.pull(h.message())
     h.signal(signal.SIGTERM)
