@@ -11,7 +11,6 @@ import pytest
 
 from harness.daemon import PROJECT
 from harness.procinfo import process_table
-from tests.integration.gcp_log_tasks import LEVELS
 
 pytestmark = pytest.mark.integration
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -67,6 +66,8 @@ def test_every_line_of_every_process_is_a_cloud_logging_entry(broker, topic_sub,
     def one(event: str, **labels: str) -> dict:
         [found] = [e for e in entries if e["event"] == event and labels.items() <= e.get(LABELS, {}).items()]
         return found
+
+    from tests.integration.gcp_log_tasks import LEVELS  # here, not at collection: it registers a task
 
     said = {level: one(f"task.said_{level}", message_id=levels, task="log_levels") for level in LEVELS}
     assert {level: e["severity"] for level, e in said.items()} == {level: level.upper() for level in LEVELS}
