@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import resource
 
+from consumerd.adapters.probes import MAX_CONNECTIONS
+from consumerd.control.server import MAX_CLIENTS
 from consumerd.errors import ConfigError
 
-BASE_FDS = 64  # what the supervisor holds besides its workers (gRPC channels, pipes, sockets), with room to spare
+# What the supervisor holds besides its workers: gRPC channels, pipes and sockets, with room to
+# spare, plus the most the probe server and the control socket hold at once under a flood.
+BASE_FDS = 64 + MAX_CONNECTIONS + MAX_CLIENTS
 FDS_PER_WORKER = 2  # its channel, plus one in transit while a replacement is adopted
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from consumerd.supervisor.descriptors import BASE_FDS
 from harness.daemon import REPO, Daemon, daemon_env
 from harness.procinfo import alive, process_table
 from tests.support.pubsub import toml
@@ -71,7 +72,7 @@ def test_concurrency_above_the_descriptor_limit_is_refused_with_exit_78(tmp_path
     _, sub = topic_sub()
     settings = {"pubsub": {"subscription": sub}, "workers": {"concurrency": 80}, "tasks": {"modules": ["tests.support.tasks"]}}
     for command in ("run", "check-config"):
-        result = _run(tmp_path, emulator.host, settings, command, nofile=64)
+        result = _run(tmp_path, emulator.host, settings, command, nofile=BASE_FDS + 2 * 79)  # one worker short
         assert result.returncode == 78, result.stderr
         [line] = result.stderr.strip().splitlines()
         assert "workers.concurrency = 80" in line and "LimitNOFILE" in line and "Traceback" not in result.stderr
@@ -96,7 +97,8 @@ def _config(tmp_path: Path, sub: str, concurrency: int) -> Path:
 def test_a_sigttin_storm_stops_at_the_descriptor_ceiling(broker, topic_sub, emulator, tmp_path):
     _, sub = topic_sub()
     config = _config(tmp_path, sub, concurrency=2)
-    daemon = Daemon(config, daemon_env(emulator.host, tmp_path), nofile=84).start()  # room for (84 - 64) / 2 = 10
+    nofile = BASE_FDS + 2 * 10  # room for 10 workers
+    daemon = Daemon(config, daemon_env(emulator.host, tmp_path), nofile=nofile).start()
     try:
         daemon.wait_for("daemon.ready")
         handled = 0
