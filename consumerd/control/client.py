@@ -4,11 +4,37 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from typing import Any
 
 
+class NoAnswer(ConnectionError):
+    """The daemon closed the connection before it answered."""
+
+
+RETRY_PAUSE = 0.05  # seconds between attempts while the daemon's socket is too busy to take us
+
+
 def request(path: str, command: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> dict[str, Any]:
-    """The client side, for the CLI: one request, one answer."""
+    """The client side, for the CLI: one request, one answer, within ``timeout`` seconds.
+
+    A connection the daemon could not take yet (its backlog full: EAGAIN) is tried again until the
+    timeout; the request was never sent. So is `status` when the daemon dropped the connection
+    before answering (a flood of clients evicts the oldest): it changes nothing. Any other command
+    is sent at most once, since `drain` twice is a quick stop.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _request_once(path, command, args, max(0.1, deadline - time.monotonic()))
+        except (BlockingIOError, ConnectionResetError, BrokenPipeError, NoAnswer) as exc:
+            unsent = isinstance(exc, BlockingIOError)  # a refused connection (no daemon) fails at once
+            if not (unsent or command == "status") or time.monotonic() + RETRY_PAUSE >= deadline:
+                raise
+            time.sleep(RETRY_PAUSE)
+
+
+def _request_once(path: str, command: str, args: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
@@ -20,7 +46,7 @@ def request(path: str, command: str, args: dict[str, Any] | None = None, timeout
                 break
             data += chunk
     if not data:
-        raise ConnectionError("the daemon closed the connection without an answer")
+        raise NoAnswer("the daemon closed the connection without an answer")
     answer: dict[str, Any] = json.loads(data)
     return answer
 
