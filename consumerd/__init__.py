@@ -7,7 +7,8 @@ from consumerd.message import Message
 
 if TYPE_CHECKING:
     from consumerd.worker.batch import BatchResult
-    from consumerd.worker.registry import on_worker_start, on_worker_stop, task
+    from consumerd.worker.hooks import TaskFailure, TaskSuccess
+    from consumerd.worker.registry import on_task_failure, on_task_success, on_worker_start, on_worker_stop, task
 
 __version__ = "0.2.0"
 __all__ = [
@@ -17,6 +18,10 @@ __all__ = [
     "Reject",
     "Retry",
     "TaskCancelled",
+    "TaskFailure",
+    "TaskSuccess",
+    "on_task_failure",
+    "on_task_success",
     "on_worker_start",
     "on_worker_stop",
     "task",
@@ -27,7 +32,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # `task` (the registry) is loaded on first use: task modules import it in the fork server, while
     # the supervisor, which only imports `consumerd.*` internals, never loads the registry at all.
-    if name in ("task", "on_worker_start", "on_worker_stop"):
+    if name in ("task", "on_worker_start", "on_worker_stop", "on_task_failure", "on_task_success"):
         from consumerd.worker import registry
 
         return getattr(registry, name)
@@ -35,4 +40,8 @@ def __getattr__(name: str) -> Any:
         from consumerd.worker.batch import BatchResult
 
         return BatchResult
+    if name in ("TaskFailure", "TaskSuccess"):
+        from consumerd.worker import hooks
+
+        return getattr(hooks, name)
     raise AttributeError(f"module 'consumerd' has no attribute {name!r}")

@@ -36,11 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("run", "run the daemon")
     command("check-config", "validate the configuration and print the effective settings")
-    command("tasks", "list the registered tasks and where they come from")
+    tasks = command("tasks", "list the registered tasks and where they come from")
+    tasks.add_argument("--schema", action="store_true", help="print each typed task's payload JSON Schema instead, as JSON by task name")
 
     publish = command("publish", "publish messages (batched) and print their ids")
     publish.add_argument("--topic", required=True, help="topic name or projects/P/topics/T")
     publish.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE", help="message attribute (repeatable)")
+    publish.add_argument(
+        "--task",
+        metavar="NAME",
+        help="route to this task (sets tasks.route_attribute) and refuse a payload its type does not accept (exit 65)",
+    )
     publish.add_argument("--file", metavar="PATH", help="read the payload from PATH, or stdin with -")
     publish.add_argument("--count", type=int, default=1, metavar="N", help="publish the payload N times (default 1)")
     publish.add_argument("data", nargs="?", help="the payload as text")
@@ -202,6 +208,10 @@ def cmd_tasks(args: argparse.Namespace) -> ExitCode:
     specs = registry.specs()
     if not specs:
         raise ConfigError("tasks.modules: no tasks registered (decorate functions with @consumerd.task(NAME))")
+    if args.schema:
+        schemas = {spec.name: spec.signature.json_schema() for spec in specs if spec.signature.typed}
+        print(json.dumps(schemas, indent=2))
+        return ExitCode.OK
     width = max(len(spec.name) for spec in specs)
     for spec in specs:
         print(f"{spec.name:<{width}}  {spec.origin}")
@@ -245,6 +255,15 @@ def cmd_publish(args: argparse.Namespace) -> ExitCode:
     attributes = dict(_attribute(item) for item in args.attr)
     if args.count < 1:
         raise ConfigError("--count must be at least 1")
+    if args.task is not None:
+        route = settings.tasks.route_attribute
+        if attributes.get(route, args.task) != args.task:
+            raise ConfigError(f"--task {args.task!r} and --attr {route}={attributes[route]!r} disagree")
+        attributes[route] = args.task
+        refused = _payload_refused(settings, args.task, data)
+        if refused:
+            print(f"consumerd: not published: {refused}", file=sys.stderr)
+            return ExitCode.DATAERR
     _require_project(settings, args.topic)
     from consumerd.adapters.pubsub.client import PubSub
 
@@ -256,6 +275,24 @@ def cmd_publish(args: argparse.Namespace) -> ExitCode:
         print(future.result(timeout=60))
     publisher.stop()
     return ExitCode.OK
+
+
+def _payload_refused(settings: Settings, name: str, data: bytes) -> str:
+    """Why task ``name`` would reject ``data`` (empty: it accepts it, or takes any payload)."""
+    from consumerd.errors import PayloadError
+    from consumerd.message import Message
+    from consumerd.worker.registry import load_task_modules
+
+    spec = load_task_modules(settings.tasks.modules).get(name)
+    if spec is None:
+        raise ConfigError(f"--task {name!r}: no such task in tasks.modules (see `consumerd tasks`)")
+    if not spec.signature.typed:
+        return ""
+    try:
+        spec.signature.validate(Message("", data, {}, None, None, "", ""))
+    except PayloadError as exc:
+        return f"task {name!r}: {exc.reason}"
+    return ""
 
 
 def cmd_setup(args: argparse.Namespace) -> ExitCode:

@@ -14,6 +14,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILURE = 1
     USAGE = 64  # EX_USAGE: bad command line
+    DATAERR = 65  # EX_DATAERR: `publish --task` with a payload that task's type refuses
     UNAVAILABLE = 69  # EX_UNAVAILABLE: Pub/Sub unreachable at start-up
     SOFTWARE = 70  # EX_SOFTWARE: an internal error we did not expect
     PROTOCOL = 76  # EX_PROTOCOL: a worker received something that is not a job

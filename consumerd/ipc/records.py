@@ -110,10 +110,11 @@ class Job:
     task: str
     message: Message
     timeout: float = 0.0  # an async task is cancelled by its worker after this (0: never)
+    attempt: int = 1  # which attempt at the message this is, for the task hooks
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # A slotted dataclass pickles through a Python-level __getstate__; a plain tuple is cheaper for every job.
-        return (Job, (self.seq, self.task, self.message, self.timeout))
+        return (Job, (self.seq, self.task, self.message, self.timeout, self.attempt))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

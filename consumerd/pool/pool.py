@@ -245,7 +245,7 @@ class Pool:
 
     def assign(self, worker: WorkerHandle, unit: list[InFlight], mode: Mode, timeout: float, now: float, batch: bool = False) -> None:
         """Add one call (one message, or a batch's) to the worker's next frame (`flush` sends it)."""
-        jobs = tuple(Job(next(self._seq), inflight.task, inflight.message, timeout) for inflight in unit)
+        jobs = tuple(Job(next(self._seq), inflight.task, inflight.message, timeout, inflight.attempt) for inflight in unit)
         worker.hold(list(zip(jobs, unit, strict=True)), mode, timeout, now, KILL_GRACE)
         worker.outbox.append(BatchJob(unit[0].task, jobs, timeout) if batch else jobs[0])
 

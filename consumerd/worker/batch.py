@@ -1,6 +1,7 @@
 """What a batch task's return value means for each of its messages (pure: no I/O, no clock).
 
-A batch task gets ``list[Message]``. Returning None acks them all; raising fails them all alike.
+A batch task gets ``list[Message]`` (and, typed, ``list[X]`` of their payloads: a message whose
+payload does not validate is rejected alone and left out of the call). Returning None acks them all; raising fails them all alike.
 To fail only some, return a `BatchResult` (or a plain mapping of message id -> exception): each
 listed message is handled as if its own task had raised that exception (`Retry(after=...)` retries
 it after that delay, `Reject` dead-letters it, anything else is an ordinary failure); the others
@@ -16,10 +17,11 @@ from typing import Any
 
 from structlog.stdlib import BoundLogger
 
-from consumerd.errors import Reject, Retry
+from consumerd.errors import PayloadError, Reject, Retry
 from consumerd.ipc.records import MAX_ERROR_CHARS, BatchJob, Outcome, Result
 from consumerd.message import Message
 from consumerd.policy.delivery import valid_retry_after
+from consumerd.worker.payloads import Signature
 
 
 class BatchResult:
@@ -90,6 +92,34 @@ def batch_results(batch: BatchJob, returned: Any, duration: float, log: BoundLog
     for problem in problems[:10]:
         log.warning("task.bad_batch_result", task=batch.task, error=problem)
     return [Result(j.seq, f.outcome, duration, f.error, f.retry_after) for j, f in zip(batch.jobs, outcomes, strict=True)]
+
+
+def validate_batch(batch: BatchJob, signature: Signature) -> tuple[BatchJob | None, list[Any], dict[int, PayloadError]]:
+    """The members whose payload validates (None: no member does), their values, the rest by seq."""
+    if not signature.typed:
+        return batch, [], {}
+    members, values, rejected = [], [], {}
+    for job in batch.jobs:
+        try:
+            values.append(signature.validate(job.message))
+        except PayloadError as exc:
+            rejected[job.seq] = exc
+            continue
+        members.append(job)
+    return (dataclasses.replace(batch, jobs=tuple(members)) if members else None), values, rejected
+
+
+def merged(batch: BatchJob, rejected: Mapping[int, PayloadError], results: list[Result]) -> list[Result]:
+    """The members' ``results`` and a reject for each member left out, in the batch's order."""
+    by_seq = {r.seq: r for r in results}
+    return [by_seq.get(j.seq) or Result(j.seq, Outcome.REJECT, 0.0, describe(rejected[j.seq])) for j in batch.jobs]
+
+
+def failure_in(returned: Any, message: Message) -> BaseException | None:
+    """The exception a batch's return value names for ``message`` (None if it names none)."""
+    failures = returned.failures if isinstance(returned, BatchResult) else returned
+    exc = failures.get(message.message_id) if isinstance(failures, Mapping) else None
+    return exc if isinstance(exc, BaseException) else None
 
 
 def describe(exc: BaseException, *, with_type: bool = True) -> str:

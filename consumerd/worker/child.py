@@ -28,8 +28,9 @@ from consumerd.errors import ExitCode, TaskCancelled
 from consumerd.ipc.framing import encode_result, job_reader, recv_frame
 from consumerd.ipc.records import BatchJob, Job, Outcome, Result, Unit
 from consumerd.logsetup import get_logger
-from consumerd.worker.batch import batch_results, describe, fate_of
+from consumerd.worker.batch import batch_results, describe, fate_of, merged, validate_batch
 from consumerd.worker.coroutines import AsyncRunner, raise_cancelled, send_all, valid_units
+from consumerd.worker.hooks import report, report_batch
 from consumerd.worker.registry import Registry
 from consumerd.worker.tracing import task_span
 
@@ -131,12 +132,16 @@ def run_job(job: Job, registry: Registry, log: BoundLogger) -> Result:
     started = time.monotonic()
     try:
         with task_span(job.message, job.task):
-            spec.func(job.message)
+            returned = spec.call(job.message)
     except TaskCancelled:
         raise  # the supervisor ended it: no result; its kill reason says what happened
     except BaseException as exc:  # noqa: BLE001 - whatever a task raises fails its message only (logged in `failed`)
-        return failed(job, exc, time.monotonic() - started, log)
-    return Result(job.seq, Outcome.SUCCESS, time.monotonic() - started)
+        result = failed(job, exc, time.monotonic() - started, log)
+        report(result, job, exc, None, registry.task_hooks(), spec.options.max_attempts, log)
+        return result
+    result = Result(job.seq, Outcome.SUCCESS, time.monotonic() - started)
+    report(result, job, None, returned, registry.task_hooks(), spec.options.max_attempts, log)
+    return result
 
 
 def failed(job: Job, exc: BaseException, duration: float, log: BoundLogger) -> Result:
@@ -159,11 +164,21 @@ def run_batch(batch: BatchJob, registry: Registry, log: BoundLogger) -> list[Res
     if spec is None:
         return [Result(j.seq, Outcome.UNKNOWN_TASK, 0.0, f"unknown task {batch.task!r}") for j in batch.jobs]
     started = time.monotonic()
-    try:
-        with task_span(batch.jobs[0].message, batch.task, batch=True):
-            returned = spec.func([j.message for j in batch.jobs])
-    except TaskCancelled:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - the same, for every message of the batch
-        return [failed(j, exc, time.monotonic() - started, log) for j in batch.jobs]
-    return batch_results(batch, returned, time.monotonic() - started, log)
+    members, values, rejected = validate_batch(batch, spec.signature)  # invalid payloads: rejected alone
+    raised: BaseException | None = None
+    returned: object = None
+    results: list[Result] = []
+    if members is not None:
+        try:
+            with task_span(members.jobs[0].message, batch.task, batch=True):
+                returned = spec.signature.call_batch(spec.func, [j.message for j in members.jobs], values)
+        except TaskCancelled:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the same, for every message of the batch
+            raised = exc
+            results = [failed(j, exc, time.monotonic() - started, log) for j in members.jobs]
+        else:
+            results = batch_results(members, returned, time.monotonic() - started, log)
+    results = merged(batch, rejected, results)
+    report_batch(batch, results, rejected, raised, returned, registry.task_hooks(), spec.options.max_attempts, log)
+    return results

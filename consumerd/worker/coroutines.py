@@ -25,8 +25,9 @@ from consumerd.adapters.proctitle import set_title, worker_title
 from consumerd.errors import TaskCancelled
 from consumerd.ipc.framing import FrameReader, encode_result
 from consumerd.ipc.records import BatchJob, Job, Outcome, Result, Unit
-from consumerd.worker.batch import batch_results, fate_of
-from consumerd.worker.registry import Registry
+from consumerd.worker.batch import batch_results, fate_of, merged, validate_batch
+from consumerd.worker.hooks import report, report_batch
+from consumerd.worker.registry import Registry, TaskSpec
 from consumerd.worker.tracing import task_span
 
 
@@ -126,45 +127,64 @@ class AsyncRunner:
         spec = self.registry.get(job.task)
         if spec is None:
             return Result(job.seq, Outcome.UNKNOWN_TASK, 0.0, f"unknown task {job.task!r}")
+        result, exc, returned = await self._attempt(job, spec)
+        report(result, job, exc, returned, self.registry.task_hooks(), spec.options.max_attempts, self.log)
+        return result
+
+    async def _attempt(self, job: Job, spec: TaskSpec) -> tuple[Result, BaseException | None, object]:
         started = time.monotonic()
         deadline = asyncio.timeout(job.timeout or None)
         try:
             async with deadline:
                 with task_span(job.message, job.task):
-                    await spec.func(job.message)  # type: ignore[misc]
+                    returned = await spec.call(job.message)  # type: ignore[misc]
         except TimeoutError as exc:
             if deadline.expired():
-                return Result(job.seq, Outcome.TIMEOUT, time.monotonic() - started, f"TaskTimeout: cancelled after {job.timeout:g}s")
-            return self._failed(job, exc, started)
+                error = f"TaskTimeout: cancelled after {job.timeout:g}s"
+                return Result(job.seq, Outcome.TIMEOUT, time.monotonic() - started, error), exc, None
+            return self._failed(job, exc, started), exc, None
         except asyncio.CancelledError:
             if self._terminating:
                 raise
-            return self._failed(job, TaskCancelled("the coroutine was cancelled"), started)
+            cancelled = TaskCancelled("the coroutine was cancelled")
+            return self._failed(job, cancelled, started), cancelled, None
         except BaseException as exc:  # noqa: BLE001 - whatever a task raises fails only its message
-            return self._failed(job, exc, started)
-        return Result(job.seq, Outcome.SUCCESS, time.monotonic() - started)
+            return self._failed(job, exc, started), exc, None
+        return Result(job.seq, Outcome.SUCCESS, time.monotonic() - started), None, returned
 
     async def _run_batch(self, batch: BatchJob) -> list[Result]:
         spec = self.registry.get(batch.task)
         if spec is None:
             return [Result(j.seq, Outcome.UNKNOWN_TASK, 0.0, f"unknown task {batch.task!r}") for j in batch.jobs]
+        members, values, rejected = validate_batch(batch, spec.signature)  # invalid payloads: rejected alone
+        results: list[Result] = []
+        raised: BaseException | None = None
+        returned: object = None
+        if members is not None:
+            results, raised, returned = await self._attempt_batch(members, spec, values)
+        results = merged(batch, rejected, results)
+        report_batch(batch, results, rejected, raised, returned, self.registry.task_hooks(), spec.options.max_attempts, self.log)
+        return results
+
+    async def _attempt_batch(self, batch: BatchJob, spec: TaskSpec, values: list[Any]) -> tuple[list[Result], BaseException | None, object]:
         started = time.monotonic()
         deadline = asyncio.timeout(batch.timeout or None)
         try:
             async with deadline:
-                returned = await spec.func([j.message for j in batch.jobs])  # type: ignore[misc]
+                returned = await spec.signature.call_batch(spec.func, [j.message for j in batch.jobs], values)  # type: ignore[misc]
         except TimeoutError as exc:
             if deadline.expired():
                 error = f"TaskTimeout: cancelled after {batch.timeout:g}s"
-                return [Result(j.seq, Outcome.TIMEOUT, time.monotonic() - started, error) for j in batch.jobs]
-            return [self._failed(j, exc, started) for j in batch.jobs]
+                return [Result(j.seq, Outcome.TIMEOUT, time.monotonic() - started, error) for j in batch.jobs], exc, None
+            return [self._failed(j, exc, started) for j in batch.jobs], exc, None
         except asyncio.CancelledError:
             if self._terminating:
                 raise
-            return [self._failed(j, TaskCancelled("the coroutine was cancelled"), started) for j in batch.jobs]
+            cancelled = TaskCancelled("the coroutine was cancelled")
+            return [self._failed(j, cancelled, started) for j in batch.jobs], cancelled, None
         except BaseException as exc:  # noqa: BLE001
-            return [self._failed(j, exc, started) for j in batch.jobs]
-        return batch_results(batch, returned, time.monotonic() - started, self.log)
+            return [self._failed(j, exc, started) for j in batch.jobs], exc, None
+        return batch_results(batch, returned, time.monotonic() - started, self.log), None, returned
 
     def _failed(self, job: Job, exc: BaseException, started: float) -> Result:
         duration = time.monotonic() - started

@@ -11,9 +11,13 @@ from typing import Any
 
 from consumerd.errors import RegistryError
 from consumerd.ipc.records import TaskOptions
+from consumerd.message import Message
+from consumerd.worker.hooks import FailureHook, SuccessHook
+from consumerd.worker.payloads import Signature, signature_of
 
-# One message in (a batch task: list[Message]); sync, or an `async def` returning a coroutine.
-TaskFunc = Callable[[Any], object]
+# The message in (a batch task: list[Message]), or its typed payload too (`payloads`); sync, or an
+# `async def` returning a coroutine.
+TaskFunc = Callable[..., object]
 ENTRY_POINT_GROUP = "consumerd.tasks"
 DEFAULT_BATCH_WAIT = 1.0  # seconds a batch waits to fill when @task sets batch_size only
 
@@ -24,6 +28,12 @@ class TaskSpec:
     func: TaskFunc
     origin: str  # "module.qualname (file:line)", for `consumerd tasks` and duplicate errors
     options: TaskOptions = TaskOptions()
+    signature: Signature = Signature()  # how it is called: with the message, or a validated payload
+
+    def call(self, message: Message) -> object:
+        """Run the task for one message (an `async def` task: its coroutine); PayloadError first
+        when its typed payload does not validate."""
+        return self.signature.call(self.func, message)
 
 
 class Registry:
@@ -33,6 +43,8 @@ class Registry:
         self._tasks: dict[str, TaskSpec] = {}
         self.start_hooks: list[Callable[[], object]] = []  # run in each worker after the fork
         self.stop_hooks: list[Callable[[], object]] = []  # run in each worker before it exits
+        self.failure_hooks: list[FailureHook] = []  # run in the worker after each failed attempt
+        self.success_hooks: list[SuccessHook] = []  # run in the worker after each message done
 
     def register(self, name: str, func: TaskFunc, options: TaskOptions = TaskOptions()) -> None:
         if not name or not isinstance(name, str):
@@ -43,7 +55,8 @@ class Registry:
         if problems := options.problems():
             raise RegistryError(f"@task({name!r}) at {_origin(func)}: {'; '.join(problems)}")
         options = dataclasses.replace(options, is_async=inspect.iscoroutinefunction(func))  # from the code, never declared
-        self._tasks[name] = TaskSpec(name, func, _origin(func), options)
+        signature = signature_of(func, batch=options.batch_size is not None, where=f"@task({name!r}) at {_origin(func)}")
+        self._tasks[name] = TaskSpec(name, func, _origin(func), options, signature)
 
     def get(self, name: str) -> TaskSpec | None:
         return self._tasks.get(name)
@@ -62,6 +75,11 @@ class Registry:
         self._tasks.clear()
         self.start_hooks.clear()
         self.stop_hooks.clear()
+        self.failure_hooks.clear()
+        self.success_hooks.clear()
+
+    def task_hooks(self) -> tuple[list[SuccessHook], list[FailureHook]]:
+        return self.success_hooks, self.failure_hooks
 
 
 # The process-wide registry the @task decorator fills when task modules are imported.
@@ -111,6 +129,27 @@ def on_worker_start(func: Callable[[], object]) -> Callable[[], object]:
 def on_worker_stop(func: Callable[[], object]) -> Callable[[], object]:
     """Run ``func()`` in every worker before it exits normally (close what the start hook opened)."""
     REGISTRY.stop_hooks.append(func)
+    return func
+
+
+def on_task_failure(func: FailureHook) -> FailureHook:
+    """Run ``func(failure)`` in the worker after each failed attempt at a message, with a
+    `consumerd.TaskFailure` (task, message, exception, attempt, fate, duration): report it to an error
+    tracker. It cannot change what happens to the message; if it raises, `hook.failed` is logged."""
+    return _task_hook(func, REGISTRY.failure_hooks, "on_task_failure")
+
+
+def on_task_success(func: SuccessHook) -> SuccessHook:
+    """Run ``func(success)`` in the worker after each message a task completed, with a
+    `consumerd.TaskSuccess` (task, message, result, attempt, duration). If it raises, `hook.failed`
+    is logged and the message is acked all the same."""
+    return _task_hook(func, REGISTRY.success_hooks, "on_task_success")
+
+
+def _task_hook(func: Any, hooks: list[Any], decorator: str) -> Any:
+    if not callable(func) or inspect.iscoroutinefunction(func):
+        raise RegistryError(f"@{decorator} must decorate a plain (not async) function, got {func!r}")
+    hooks.append(func)
     return func
 
 
