@@ -12,8 +12,12 @@ PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
 DOCS_STAMP := $(VENV)/.installed-docs
+# import-linter in a venv of its own: it brings rich, which structlog imports whenever it is
+# installed, and the daemon run from .venv (tests, make bench) must carry what production carries.
+LINT_VENV := build/lint-venv
+LINT_STAMP := $(LINT_VENV)/.installed
 
-.PHONY: help venv emulator monitoring systemd-sandbox deb-tools wheel deb lock install-system run test lint unit integration system chaos bench bench-quick fleet docs docs-serve container-tools image test-container clean
+.PHONY: help venv emulator monitoring systemd-sandbox deb-tools wheel deb lock install-system run test test-examples lint unit integration system chaos bench bench-quick fleet docs docs-serve container-tools image test-container clean
 
 help:
 	@echo "make run    - start a local Pub/Sub emulator and the daemon with demo tasks (Ctrl-C stops)"
@@ -22,6 +26,7 @@ help:
 	@echo "make docs   - the documentation site, built strictly into site/ (references generated from the code)"
 	@echo "make docs-serve - the same site with live reload on http://127.0.0.1:8000 (loopback only)"
 	@echo "make unit   - only the fast unit tests"
+	@echo "make test-examples - examples/project's tests in a fresh venv with only the wheel ([testing]) and the example"
 	@echo "make wheel / make install-system - build a wheel / install as a systemd service (deploy/install.sh)"
 	@echo "make deb   - dist/consumerd_VERSION_ARCH.deb (dh-virtualenv, from deploy/requirements.lock), checked by lintian"
 	@echo "make lock  - refresh deploy/requirements.lock (pinned versions with their hashes)"
@@ -115,11 +120,19 @@ test: venv emulator systemd-sandbox monitoring
 	[ $$rest = 5 ] && rest=0; [ $$system_rc = 5 ] && system_rc=0; \
 	exit $$(( rest || system_rc ))
 
-lint: venv
+# What a user's project gets: a fresh venv with the wheel and its `testing` extra, nothing of this
+# checkout, then the example's own tests (run_task unit tests, end-to-end tests through the plugin).
+EXAMPLES_VENV := build/examples-venv
+test-examples: wheel emulator
+	rm -rf $(EXAMPLES_VENV) && $(PYTHON) -m venv $(EXAMPLES_VENV)
+	$(EXAMPLES_VENV)/bin/pip install --quiet --disable-pip-version-check 'dist/consumerd-$(VERSION)-py3-none-any.whl[testing]' ./examples/project
+	cd examples/project && ../../$(EXAMPLES_VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=5
+
+lint: venv $(LINT_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/lint-imports --no-cache  # the layering contracts in pyproject.toml
+	PYTHONPATH=$(CURDIR) $(LINT_VENV)/bin/lint-imports --no-cache  # the layering contracts in pyproject.toml
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_layout.py  # no cycles, pure policy, no module over 400 lines
 	$(PY) deploy/kubernetes/validate.py  # every kustomization rendered, each object checked against its schema
 	$(MAKE) --no-print-directory docs  # a page, link or generated reference that does not build fails here
@@ -166,6 +179,11 @@ image: venv container-tools
 # -s: the tests print their figures (image size, stop-to-exit time, messages lost).
 test-container: venv emulator image
 	$(PY) -m pytest -q -s -p no:cacheprovider --durations=8 tests/container $(PYTEST_ARGS)
+
+$(LINT_STAMP):
+	rm -rf $(LINT_VENV) && $(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install --quiet --disable-pip-version-check 'import-linter>=2.1'
+	touch $@
 
 $(DOCS_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,docs]'

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,27 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from consumerd.testing.emulator import Emulator, EmulatorError, sdk_root  # noqa: E402
+from consumerd.testing.emulator import Emulator, unavailable  # noqa: E402
 from harness.daemon import NotifySocket  # noqa: E402
 from harness.tlsproxy import ProductionPath  # noqa: E402
 from tests.support.pubsub import Broker, Ledger  # noqa: E402
 
 
-def _emulator_available() -> str:
-    try:
-        root = sdk_root()
-    except (EmulatorError, OSError) as exc:
-        return str(exc)
-    if not (root / "platform" / "pubsub-emulator").is_dir():
-        return f"no pubsub emulator under {root} (apt-get install google-cloud-cli-pubsub-emulator)"
-    if not shutil.which("java"):
-        return "java not found (the emulator needs Java 17)"
-    return ""
-
-
 @pytest.fixture(scope="session")
 def emulator() -> Iterator[Emulator]:
-    missing = _emulator_available()
+    missing = unavailable()
     if missing:
         pytest.fail(f"the Pub/Sub emulator is required for integration tests: {missing}")
     with Emulator() as emu:

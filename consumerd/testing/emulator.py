@@ -35,6 +35,19 @@ def sdk_root() -> Path:
     return Path(out.stdout.strip())
 
 
+def unavailable() -> str:
+    """Why the emulator cannot start here (empty: it can)."""
+    try:
+        root = sdk_root()
+    except (EmulatorError, OSError, subprocess.CalledProcessError) as exc:
+        return str(exc)
+    if not (root / "platform" / "pubsub-emulator").is_dir():
+        return f"no pubsub emulator under {root} (apt-get install google-cloud-cli-pubsub-emulator)"
+    if not shutil.which("java"):
+        return "java not found (the emulator needs Java 17)"
+    return ""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))

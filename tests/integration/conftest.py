@@ -13,6 +13,12 @@ from harness.daemon import Daemon, daemon_env
 from tests.support.pubsub import toml
 
 
+@pytest.fixture(scope="session")
+def pubsub_emulator(emulator: Emulator) -> Emulator:
+    """consumerd's pytest plugin (its own fixtures) on the emulator these tests already run."""
+    return emulator
+
+
 @pytest.fixture
 def make_daemon(emulator: Emulator, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start the real daemon on a subscription with config overrides; stopped at teardown."""
