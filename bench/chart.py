@@ -1,4 +1,4 @@
-"""The PNG the README shows: throughput per contender per workload, and consumerd's scaling curve."""
+"""The PNG the benchmarks page of the docs shows: throughput per contender per workload, and consumerd's scaling curve."""
 
 from __future__ import annotations
 
