@@ -207,6 +207,11 @@ class WorkerExited:
         return "exit_0" if code == 0 else "exit_nonzero"
 
 
+def timeout_detail(seconds: float, cancellation_ignored: bool = False) -> str:
+    """The error a task ended at its timeout fails with: what is logged and dead-lettered."""
+    return f"timeout after {seconds:g}s" + (", cancellation ignored" if cancellation_ignored else "")
+
+
 def died_by_itself(kill_reason: KillReason | None, status: int) -> bool:
     """A closed channel, or a send that failed (a job queued for a worker that was already dying),
     only made us make sure it was gone: unless our SIGKILL ended it, its exit status says why."""

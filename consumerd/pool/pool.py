@@ -49,6 +49,7 @@ from consumerd.pool.handles import (
     WorkerStarted,
     died_by_itself,
     outcome_of,
+    timeout_detail,
 )
 from consumerd.pool.sandbox import hidden_from_tasks, task_environment
 
@@ -301,9 +302,9 @@ class Pool:
                 slot.timed_out = True
             timeout = late[0].timeout
             if worker.mode is Mode.ASYNC:  # it was cancelled at its timeout and ignored that
-                self.kill(worker, KillReason.TIMEOUT, now, f"timeout after {timeout:g}s, cancellation ignored", grace=0)
+                self.kill(worker, KillReason.TIMEOUT, now, timeout_detail(timeout, cancellation_ignored=True), grace=0)
             else:
-                self.kill(worker, KillReason.TIMEOUT, now, f"timeout after {timeout:g}s")
+                self.kill(worker, KillReason.TIMEOUT, now, timeout_detail(timeout))
         return len(overdue)
 
     def kill_busy(self, reason: KillReason, now: float, grace: float) -> None:

@@ -15,6 +15,7 @@ from consumerd.adapters.linux import kill_group
 from consumerd.errors import ExitCode, TaskCancelled, WorkerProtocolError
 from consumerd.ipc.framing import encode_units, result_reader
 from consumerd.ipc.records import BatchJob, Outcome, Result, Unit
+from consumerd.pool.handles import timeout_detail
 from consumerd.pool.pool import KILL_GRACE, describe_status
 from consumerd.worker.child import reset_process_state, serve
 from consumerd.worker.registry import Registry
@@ -55,7 +56,7 @@ def run_forked(unit: Unit, registry: Registry, limit: float | None) -> list[Resu
         status = os.waitpid(pid, 0)[1]
     kill_group(pid, signal.SIGKILL)  # whatever the task left in its group
     if timed_out:
-        error = f"timeout after {limit:g}s" + (", cancellation ignored" if coroutine else "")
+        error = timeout_detail(limit or 0.0, cancellation_ignored=coroutine)
         return [results.get(j.seq) or Result(j.seq, Outcome.TIMEOUT, limit or 0.0, error) for j in jobs]
     return [results.get(j.seq) or Result(j.seq, Outcome.CRASH, 0.0, describe_status(status)) for j in jobs]
 

@@ -24,6 +24,7 @@ from consumerd.ipc.framing import job_reader, result_reader
 from consumerd.ipc.records import BatchJob, Job, Outcome, Result, Unit
 from consumerd.logsetup import get_logger
 from consumerd.message import Message
+from consumerd.pool.handles import timeout_detail
 from consumerd.testing.forked import run_forked
 from consumerd.testing.messages import make_message
 from consumerd.testing.outcomes import TaskOutcome, outcome_of
@@ -109,8 +110,7 @@ def _run_sync(unit: Unit, registry: Registry, limit: float | None) -> list[Resul
     try:
         return _checked(_call(unit, registry, log))
     except TaskCancelled:
-        # The daemon's error text for a sync task it ended at its timeout (the pool's kill detail).
-        return [Result(j.seq, Outcome.TIMEOUT, limit, f"timeout after {limit:g}s") for j in jobs]
+        return [Result(j.seq, Outcome.TIMEOUT, limit, timeout_detail(limit)) for j in jobs]
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
