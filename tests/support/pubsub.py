@@ -12,6 +12,7 @@ from google.api_core import exceptions as gexc
 
 from consumerd.adapters.pubsub.client import PubSub
 from consumerd.config import PubSubSettings
+from consumerd.testing.live import to_toml
 from harness.daemon import PROJECT
 
 _names = itertools.count(1)
@@ -105,12 +106,8 @@ class Ledger:
 
 
 def toml(data: dict[str, dict[str, Any]]) -> str:
-    out = []
-    for section, values in data.items():
-        out.append(f"[{section}]")
-        out.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
-        out.append("")
-    return "\n".join(out)
+    """A config file's text: the one writer the pytest plugin ships serves the project's tests too."""
+    return to_toml(data)
 
 
 def unique(ids: Iterable[str]) -> set[str]:
