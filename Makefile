@@ -17,7 +17,7 @@ DOCS_STAMP := $(VENV)/.installed-docs
 LINT_VENV := build/lint-venv
 LINT_STAMP := $(LINT_VENV)/.installed
 
-.PHONY: help venv emulator monitoring systemd-sandbox deb-tools wheel deb lock install-system run test test-examples lint unit integration system chaos bench bench-quick fleet docs docs-serve container-tools image test-container clean
+.PHONY: help venv emulator monitoring redis systemd-sandbox deb-tools wheel deb lock install-system run test test-examples lint unit integration system chaos bench bench-quick fleet docs docs-serve container-tools image test-container clean
 
 help:
 	@echo "make run    - start a local Pub/Sub emulator and the daemon with demo tasks (Ctrl-C stops)"
@@ -58,6 +58,16 @@ monitoring:
 	  echo "installing prometheus (promtool)..."; \
 	  guard=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; guard=1; }; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; \
+	fi
+
+# redis-server for the fleet-wide rate limit tests, which start their own on loopback; policy-rc.d
+# keeps apt from starting the packaged service.
+redis:
+	@if ! command -v redis-server >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing redis-server..."; \
+	  guard=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; guard=1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; \
 	  [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; \
 	fi
 
@@ -112,7 +122,7 @@ run: venv emulator
 # The system tests (guests booting, apt, a fleet) mostly wait, and so do the integration tests: they
 # run side by side, each suite in order (guests share this machine's loopback: one at a time).
 # Exit status 5 (nothing collected, e.g. PYTEST_ARGS=-k for one suite only) is not a failure.
-test: venv emulator systemd-sandbox monitoring
+test: venv emulator systemd-sandbox monitoring redis
 	@$(PY) -m pytest -q -p no:cacheprovider --durations=8 tests/system $(PYTEST_ARGS) > .test-system.log 2>&1 & system=$$!; \
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests/unit tests/integration $(PYTEST_ARGS); rest=$$?; \
 	wait $$system; system_rc=$$?; \
@@ -140,7 +150,7 @@ lint: venv $(LINT_STAMP)
 unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
-integration: venv emulator monitoring
+integration: venv emulator monitoring redis
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration
 
 system: venv emulator systemd-sandbox

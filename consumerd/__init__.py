@@ -2,12 +2,13 @@
 
 from typing import TYPE_CHECKING, Any
 
-from consumerd.errors import PayloadError, Reject, Retry, TaskCancelled
+from consumerd.errors import PayloadError, PublishError, Reject, Retry, TaskCancelled
 from consumerd.message import Message
 
 if TYPE_CHECKING:
     from consumerd.worker.batch import BatchResult
     from consumerd.worker.hooks import TaskFailure, TaskSuccess
+    from consumerd.worker.outputs import publish
     from consumerd.worker.registry import on_task_failure, on_task_success, on_worker_start, on_worker_stop, task
 
 __version__ = "0.2.0"
@@ -15,6 +16,7 @@ __all__ = [
     "BatchResult",
     "Message",
     "PayloadError",
+    "PublishError",
     "Reject",
     "Retry",
     "TaskCancelled",
@@ -24,6 +26,7 @@ __all__ = [
     "on_task_success",
     "on_worker_start",
     "on_worker_stop",
+    "publish",
     "task",
     "__version__",
 ]
@@ -36,6 +39,10 @@ def __getattr__(name: str) -> Any:
         from consumerd.worker import registry
 
         return getattr(registry, name)
+    if name == "publish":
+        from consumerd.worker.outputs import publish
+
+        return publish
     if name == "BatchResult":
         from consumerd.worker.batch import BatchResult
 

@@ -34,7 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", metavar="PATH", help="config file (default: $CONSUMERD_CONFIG or /etc/consumerd.toml)")
         return sub
 
-    command("run", "run the daemon")
+    run = command("run", "run the daemon")
+    run.add_argument(
+        "--reload",
+        action="store_true",
+        help="development only: replace the workers when a Python file where the task code came from changes "
+        "(needs the dev extra: pip install 'consumerd[dev]'); production reloads with SIGHUP",
+    )
     command("check-config", "validate the configuration and print the effective settings")
     tasks = command("tasks", "list the registered tasks and where they come from")
     tasks.add_argument("--schema", action="store_true", help="print each typed task's payload JSON Schema instead, as JSON by task name")
@@ -51,13 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--count", type=int, default=1, metavar="N", help="publish the payload N times (default 1)")
     publish.add_argument("data", nargs="?", help="the payload as text")
 
+    control_command(commands, "status", "what the running daemon is doing: state, counters, every subscription and running task")
     for name, text in (
-        ("status", "what the running daemon is doing: state, counters, and every running task"),
         ("pause", "stop pulling (running and queued tasks go on)"),
         ("resume", "start pulling again after pause"),
-        ("drain", "what SIGTERM does: stop pulling, finish running tasks, exit"),
+        ("drain", "what SIGTERM does: stop pulling, finish running tasks, exit; of one subscription: it pulls no more"),
     ):
-        control_command(commands, name, text)
+        control_command(commands, name, text).add_argument(
+            "--subscription", default="", metavar="NAME", help="only this subscription (a name or path; default: all of them)"
+        )
     scale = control_command(commands, "scale", "set the number of workers")
     scale.add_argument("n", type=int, metavar="N", help="workers to run from now on (1 .. what the open-file limit holds)")
 
@@ -126,18 +134,32 @@ def cmd_run(args: argparse.Namespace) -> ExitCode:
     warn_if_tasks_can_read_the_key(settings, log)
     if not make_undumpable():  # task code (same user) must not read our memory or environment
         log.warning("daemon.dumpable", detail="prctl(PR_SET_DUMPABLE, 0) failed: same-user processes can read this one's memory")
+    if args.reload:
+        warn_about_watching(log)
     from consumerd.supervisor.loop import (
         Supervisor,  # imports grpc: only for the commands that talk to Pub/Sub
     )
 
     try:
-        return Supervisor(settings, path).run()
+        return Supervisor(settings, path, watch_code=args.reload).run()
     except ConfigError as exc:
         log.error("daemon.config_error", error=str(exc))
         raise
     except ConsumerdError as exc:
         log.error("daemon.startup_failed", error=str(exc), exit_code=int(exc.exit_code))
         raise
+
+
+def warn_about_watching(log: BoundLogger) -> None:
+    """`--reload` is opt-in on the command line only (no config key, no variable: the shipped units
+    never pass it); it needs watchfiles, and says so when it runs unattended."""
+    from consumerd.adapters.filewatch import require_watchfiles
+
+    require_watchfiles()
+    if not sys.stdout.isatty():
+        log.warning(
+            "daemon.watching_code", detail="consumerd run --reload is for development: workers are replaced whenever a task file changes"
+        )
 
 
 def warn_if_tasks_can_read_the_key(settings: Settings, log: BoundLogger) -> None:
@@ -223,7 +245,7 @@ def cmd_control(args: argparse.Namespace) -> ExitCode:
 
     path = args.socket or _control_socket(args)
     try:
-        answer = request(path, args.command, {"n": args.n} if args.command == "scale" else {})
+        answer = request(path, args.command, _control_args(args))
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConsumerdError(f"control socket {path}: {reason} (is the daemon running, and may you use its socket?)") from None
@@ -236,6 +258,12 @@ def cmd_control(args: argparse.Namespace) -> ExitCode:
     else:
         print(", ".join(f"{k}: {v}" for k, v in answer.items() if k != "ok"))
     return ExitCode.OK if answer.get("ok") else ExitCode.FAILURE
+
+
+def _control_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command == "scale":
+        return {"n": args.n}
+    return {"subscription": args.subscription} if getattr(args, "subscription", "") else {}
 
 
 def _control_socket(args: argparse.Namespace) -> str:

@@ -76,6 +76,11 @@ class PayloadError(Reject, ValueError):
     """`Message.json()` / `.text()` on a payload that does not decode: a reject, and a ValueError."""
 
 
+class PublishError(Exception):
+    """Raised by `consumerd.publish` for an output that may not be published (a topic outside
+    `[publish] topics`, over a limit): an ordinary failure of the task, retried with backoff."""
+
+
 class TaskCancelled(BaseException):
     """Raised inside a running task when the daemon ends it: its timeout passed, or the daemon stops.
 

@@ -38,6 +38,7 @@ class Daemon:
         nofile: int | None = None,
         log: Path | None = None,
         only: frozenset[str] | None = None,
+        run_args: tuple[str, ...] = (),
     ) -> None:
         self.config = config
         self.env = env
@@ -46,6 +47,7 @@ class Daemon:
         self.nofile = nofile  # RLIMIT_NOFILE (soft and hard) for the daemon
         self.log = log.open("a") if log else None  # every line, appended (one file across restarts)
         self.only = only  # parse and keep only these events (the benchmarks: no CPU spent on the rest)
+        self.run_args = run_args  # after `run --config PATH`, e.g. ("--reload",)
         self.peak_rss_mb = 0.0
         self._reader_done = threading.Event()
         self.events: list[Event] = []
@@ -56,7 +58,7 @@ class Daemon:
 
     def start(self) -> Daemon:
         self.process = subprocess.Popen(
-            [*self.command, "run", "--config", str(self.config)],
+            [*self.command, "run", "--config", str(self.config), *self.run_args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,

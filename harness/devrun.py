@@ -1,11 +1,14 @@
 """`make run`: a local Pub/Sub emulator, a demo topic and subscription, the daemon, demo messages.
 
-Ctrl-C drains the daemon (it gets the SIGINT itself, as in a terminal) and then stops the emulator.
+The daemon runs with `--reload`: save a change to consumerd/demo.py and the workers are replaced
+with the new code, the next message runs it. Ctrl-C drains the daemon (it gets the SIGINT itself,
+as in a terminal) and then stops the emulator.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import socket
@@ -61,6 +64,7 @@ def main() -> int:
         publish_demo_messages()
         print("devrun: demo messages published; press Ctrl-C to drain and stop", flush=True)
         print(try_it(emulator.host), flush=True)
+        print(reload_hint(), flush=True)
         code = daemon.wait()
         print(f"devrun: daemon exited with {code}; stopping the emulator", flush=True)
         return code
@@ -76,7 +80,7 @@ def start_daemon(config: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
     notify.bind(path)
     env = dict(os.environ, NOTIFY_SOCKET=path, CONSUMERD_CONTROL__SOCKET=CONTROL_SOCKET)
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "consumerd", "run", "--config", config],
+        [sys.executable, "-m", "consumerd", "run", "--config", config, *(["--reload"] if can_reload() else [])],
         env=env,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
@@ -115,6 +119,20 @@ def try_it(host: str) -> str:
         f"  PUBSUB_EMULATOR_HOST={host} GOOGLE_CLOUD_PROJECT={PROJECT} {cli} publish --topic {TOPIC} --attr task=echo 'hi there'\n"
         f"  (tasks: echo, hash, sleep, resize, fetch, rows, fail, noop; status: {cli} status --socket {CONTROL_SOCKET})\n"
         "devrun: the documentation: make docs-serve, then open http://127.0.0.1:8000"
+    )
+
+
+def can_reload() -> bool:
+    """`run --reload` needs watchfiles (the dev extra, in the venv `make run` sets up)."""
+    return importlib.util.find_spec("watchfiles") is not None
+
+
+def reload_hint() -> str:
+    if not can_reload():
+        return "devrun: to reload the tasks as you edit them: pip install -e '.[dev]' (watchfiles), then make run again"
+    return (
+        "devrun: edit consumerd/demo.py (say, what `echo` logs) and save: the workers reload with the new code\n"
+        "  (code.changed, then code.ready) and the next message runs it; a typo is reload.rejected, the old code runs on"
     )
 
 

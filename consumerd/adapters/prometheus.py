@@ -9,10 +9,13 @@ Task labels come from the registry's names (a bounded set); any other name is la
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily
@@ -72,13 +75,25 @@ class MetricsSink(Protocol):
 
     def dead_letter_failed(self, task: str) -> None: ...
 
+    def outputs_published(self, task: str, count: int) -> None: ...
+
+    def outputs_failed(self, task: str) -> None: ...
+
     def worker_exited(self, cause: str) -> None: ...
 
     def renewed(self, leases: int) -> None: ...
 
     def lapsed(self) -> None: ...
 
+    def rate_limit_waited(self, task: str, seconds: float) -> None: ...
+
+    def rate_limit_fallback(self, active: bool) -> None: ...
+
     def gauges(self, *, running: int, workers: int, concurrency: int, held: int, held_bytes: int, state: str) -> None: ...
+
+    def subscription_gauges(self, subscription: str, *, running: int, held: int) -> None: ...
+
+    def for_subscription(self, name: str) -> MetricsSink: ...
 
     def publish_health(self, health: Health) -> None: ...
 
@@ -96,7 +111,13 @@ class Metrics:
         r = self.registry
         self.tasks: frozenset[str] = frozenset()
         self.exit_causes = tuple(exit_causes)
-        self.messages = Counter("consumerd_messages", "Messages by task and how their attempt ended", ["task", "outcome"], registry=r)
+        self.subscriptions: tuple[str, ...] = ()
+        self.messages = Counter(
+            "consumerd_messages",
+            "Messages by subscription, task and how their attempt ended",
+            ["subscription", "task", "outcome"],
+            registry=r,
+        )
         self.duration = Histogram(
             "consumerd_task_duration_seconds", "Time a task function ran", ["task"], buckets=DURATION_BUCKETS, registry=r
         )
@@ -106,13 +127,31 @@ class Metrics:
         self.held = Gauge("consumerd_messages_held", "Messages pulled and queued here, not yet running", registry=r)
         self.held_bytes = Gauge("consumerd_held_bytes", "Bytes of every message held (queued, running, dead-lettering)", registry=r)
         self.attempt = Histogram("consumerd_delivery_attempt", "Delivery attempt of pulled messages", buckets=ATTEMPT_BUCKETS, registry=r)
-        self.dead_lettered = Counter("consumerd_dead_lettered", "Messages forwarded to the dead-letter topic", ["task"], registry=r)
+        per = ["subscription", "task"]
+        self.dead_lettered = Counter("consumerd_dead_lettered", "Messages forwarded to the dead-letter topic", per, registry=r)
         self.dead_letter_failures = Counter(
-            "consumerd_dead_letter_failed", "Dead-letter copies that could not be published", ["task"], registry=r
+            "consumerd_dead_letter_failed", "Dead-letter copies that could not be published", per, registry=r
+        )
+        self.outputs = Counter("consumerd_outputs_published", "Task outputs (consumerd.publish) Pub/Sub accepted", per, registry=r)
+        self.output_failures = Counter(
+            "consumerd_output_publish_failures", "Task calls whose outputs could not be published (input retried)", per, registry=r
+        )
+        self.subscription_running = Gauge(
+            "consumerd_subscription_running", "Messages of the subscription on workers now", ["subscription"], registry=r
+        )
+        self.subscription_held = Gauge(
+            "consumerd_subscription_held", "Messages of the subscription queued here, not yet running", ["subscription"], registry=r
         )
         self.worker_exits = Counter("consumerd_worker_exits", "Worker exits by cause", ["cause"], registry=r)
         self.lease_renewals = Counter("consumerd_lease_renewals", "Leases extended", registry=r)
         self.lease_lapsed = Counter("consumerd_lease_lapsed", "Queued messages dropped because their lease ran out", registry=r)
+        self.rate_limit_wait = Histogram(
+            "consumerd_rate_limit_wait_seconds", "Time messages waited for a rate limit", ["task"], buckets=DURATION_BUCKETS, registry=r
+        )
+        self.rate_limit_fallback_active = Gauge(
+            "consumerd_rate_limit_fallback", "1 while Redis is unreachable and this daemon applies its share of each limit", registry=r
+        )
+        self.rate_limit_fallbacks = Counter("consumerd_rate_limit_fallbacks", "Times Redis became unreachable (outages)", registry=r)
         self.utilization = Gauge("consumerd_utilization", "Busy worker slots / concurrency", registry=r)
         self.state = Gauge("consumerd_state", "1 for the daemon's current state", ["state"], registry=r)
         Info("consumerd_build", "consumerd version", registry=r).info({"version": version})
@@ -120,15 +159,23 @@ class Metrics:
         r.register(_RpcCollector(rpc_counts))
         self.health = Health()
 
+    def for_subscription(self, name: str) -> MetricsSink:
+        """The sink for one subscription's parts: its series carry ``subscription=name``."""
+        self.subscriptions = (*self.subscriptions, name)
+        return cast(MetricsSink, SubscriptionMetrics(self, name))
+
     def known_tasks(self, names: frozenset[str]) -> None:
         """Every known series exists from the start, at 0: rate() and alerts see the first event."""
         self.tasks = names
         for name in (*names, "unknown"):
             self.duration.labels(name)
-            self.dead_lettered.labels(name)
-            self.dead_letter_failures.labels(name)
-            for outcome in Outcome:
-                self.messages.labels(name, outcome.value)
+            for subscription in self.subscriptions:
+                self.dead_lettered.labels(subscription, name)
+                self.dead_letter_failures.labels(subscription, name)
+                self.outputs.labels(subscription, name)
+                self.output_failures.labels(subscription, name)
+                for outcome in Outcome:
+                    self.messages.labels(subscription, name, outcome.value)
         for cause in self.exit_causes:
             self.worker_exits.labels(cause)
 
@@ -136,8 +183,8 @@ class Metrics:
         return name if name in self.tasks else "unknown"
 
     # -- events, from the loop -----------------------------------------------------------------
-    def outcome(self, task: str, outcome: str) -> None:
-        self.messages.labels(self._task(task), outcome).inc()
+    def outcome(self, task: str, outcome: str, subscription: str = "") -> None:
+        self.messages.labels(subscription, self._task(task), outcome).inc()
 
     def ran(self, task: str, seconds: float) -> None:
         self.duration.labels(self._task(task)).observe(seconds)
@@ -145,11 +192,21 @@ class Metrics:
     def received(self, attempt: int) -> None:
         self.attempt.observe(attempt)
 
-    def forwarded(self, task: str) -> None:
-        self.dead_lettered.labels(self._task(task)).inc()
+    def forwarded(self, task: str, subscription: str = "") -> None:
+        self.dead_lettered.labels(subscription, self._task(task)).inc()
 
-    def dead_letter_failed(self, task: str) -> None:
-        self.dead_letter_failures.labels(self._task(task)).inc()
+    def dead_letter_failed(self, task: str, subscription: str = "") -> None:
+        self.dead_letter_failures.labels(subscription, self._task(task)).inc()
+
+    def outputs_published(self, task: str, count: int, subscription: str = "") -> None:
+        self.outputs.labels(subscription, self._task(task)).inc(count)
+
+    def outputs_failed(self, task: str, subscription: str = "") -> None:
+        self.output_failures.labels(subscription, self._task(task)).inc()
+
+    def subscription_gauges(self, subscription: str, *, running: int, held: int) -> None:
+        self.subscription_running.labels(subscription).set(running)
+        self.subscription_held.labels(subscription).set(held)
 
     def worker_exited(self, cause: str) -> None:
         self.worker_exits.labels(cause).inc()
@@ -159,6 +216,15 @@ class Metrics:
 
     def lapsed(self) -> None:
         self.lease_lapsed.inc()
+
+    def rate_limit_waited(self, task: str, seconds: float) -> None:
+        self.rate_limit_wait.labels(self._task(task)).observe(seconds)
+
+    def rate_limit_fallback(self, active: bool) -> None:
+        """Redis became unreachable (True: one more outage) or answers again (False)."""
+        if active:
+            self.rate_limit_fallbacks.inc()
+        self.rate_limit_fallback_active.set(1 if active else 0)
 
     def gauges(self, *, running: int, workers: int, concurrency: int, held: int, held_bytes: int, state: str) -> None:
         self.running.set(running)
@@ -177,10 +243,28 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class SubscriptionMetrics:
+    """`Metrics` as one subscription's parts see it: the per-subscription series get its name."""
+
+    def __init__(self, metrics: Metrics, subscription: str) -> None:
+        self._metrics = metrics
+        self._subscription = subscription
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._metrics, name)
+        return functools.partial(attribute, subscription=self._subscription) if name in PER_SUBSCRIPTION else attribute
+
+
+PER_SUBSCRIPTION = frozenset({"outcome", "forwarded", "dead_letter_failed", "outputs_published", "outputs_failed"})
+
+
 class NullMetrics:
     """`[metrics] listen = ""`: every method does nothing."""
 
     health = Health()
+
+    def for_subscription(self, _name: str) -> NullMetrics:
+        return self
 
     def __getattr__(self, _name: str) -> Callable[..., None]:
         return _nothing
@@ -211,15 +295,22 @@ class _RpcCollector(Collector):
 class MetricsServer:
     """/metrics, /healthz and /readyz, served by a `ProbeServer` (a thread of its own that only reads)."""
 
-    def __init__(self, metrics: Metrics, listen: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, metrics: Metrics, listen: str, clock: Callable[[], float] = time.monotonic, *, fallback: str | None = None) -> None:
+        """``fallback``: where to listen instead when ``listen`` is taken (EADDRINUSE); None: a taken
+        address is a ConfigError, as is every other failure to listen."""
         self.metrics = metrics
+        self.server = self._listen(listen, fallback, clock)
+        self.address = self.server.address  # the real one: port 0 and the fallback become the bound port
+
+    def _listen(self, listen: str, fallback: str | None, clock: Callable[[], float]) -> ProbeServer:
         try:
-            self.server = ProbeServer(listen, self.route, clock)
+            return ProbeServer(listen, self.route, clock)
         except OSError as exc:
-            raise ConfigError(
-                f'metrics.listen: cannot listen on {listen}: {exc.strerror} (choose another port, or "" to turn it off)'
-            ) from None
-        self.address = self.server.address
+            if exc.errno == errno.EADDRINUSE and fallback is not None:
+                return self._listen(fallback, None, clock)
+            # The errno's own text: socket.create_server appends the address, which this line names already.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConfigError(f'metrics.listen: cannot listen on {listen}: {reason} (choose another port, or "" to turn it off)') from None
 
     def start(self) -> None:
         self.server.start()

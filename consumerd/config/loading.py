@@ -10,6 +10,7 @@ from typing import Any
 import pydantic
 from pydantic_settings.exceptions import SettingsError
 
+from consumerd.config.ratelimit import masked_url
 from consumerd.config.settings import DEFAULT_CONFIG_PATH, ENV_PREFIX, Settings, file_data
 from consumerd.errors import ConfigError
 
@@ -78,8 +79,11 @@ def _describe(exc: pydantic.ValidationError, file_source: str) -> str:
         where = f"environment {env_name}" if env_name in os.environ else file_source
         if error["type"] == "extra_forbidden":
             problems.append(f"{where}: {key}: unknown key")
+        elif not key:  # a rule across sections: its message names the keys; the input is the whole file
+            problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
         else:
-            problems.append(f"{where}: {key}: {error['msg']} (got {error.get('input')!r})")
+            got = masked_url(error["input"]) if key == "rate_limit.redis" and isinstance(error.get("input"), str) else error.get("input")
+            problems.append(f"{where}: {key}: {error['msg']} (got {got!r})")  # a Redis URL may hold a password
     return "; ".join(problems)
 
 

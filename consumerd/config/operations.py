@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -34,11 +35,24 @@ class LoggingSettings(Section):
 # pydantic-settings' class-level source hook can see a per-call file.
 
 
+DEFAULT_LISTEN = "127.0.0.1:9464"
+# Where the built-in default goes when its port is taken: another instance on this host holds it.
+FALLBACK_LISTEN = "127.0.0.1:0"
+
+
 class MetricsSettings(Section):
     listen: str = Field(
-        "127.0.0.1:9464",
+        DEFAULT_LISTEN,
         description="HOST:PORT serving /metrics, /healthz and /readyz (loopback by default). Empty: off. Port 0: any "
-        "free port, logged as `metrics.listening`.",
+        "free port. Left unset, a taken 9464 (another instance on this host) gives any free loopback port instead; "
+        "set in the file or the environment, a taken port is a config error (exit 78). The address is logged as "
+        "`metrics.listening` and written to `file_sd`.",
+    )
+    file_sd: str = Field(
+        "",
+        description="A Prometheus file_sd target file naming this daemon's /metrics address, with its subscription as "
+        "a label: written at start (a failure is a `metrics.file_sd_failed` warning), removed at a clean stop. Empty: "
+        "$RUNTIME_DIRECTORY/prometheus.json under systemd (the units copy it to /run/consumerd-sd/), else none.",
     )
 
     @field_validator("listen")
@@ -49,6 +63,21 @@ class MetricsSettings(Section):
         if value and int(value.rpartition(":")[2]) > 65535:
             raise ValueError("port must be 0..65535")
         return value
+
+    def fallback(self) -> str | None:
+        """Where to listen when `listen` is taken: any free loopback port for the built-in default only,
+        so that several instances on one host all start; an address the operator chose is kept to.
+        Ask at start-up: a reload rebuilds the settings from a dump, which marks every key as set."""
+        return None if "listen" in self.model_fields_set else FALLBACK_LISTEN
+
+    def file_sd_path(self) -> Path | None:
+        """The target file to write, if any: none without a metrics server to point at."""
+        if not self.listen:
+            return None
+        if self.file_sd:
+            return Path(self.file_sd)
+        runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        return Path(runtime) / "prometheus.json" if runtime else None
 
 
 class ControlSettings(Section):

@@ -25,9 +25,11 @@ class Steerable(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
-    def set_paused(self, paused: bool) -> None: ...
+    def set_paused(self, paused: bool, subscription: str = "") -> None:
+        """Every subscription, or the one named; LookupError when none is."""
 
-    def drain(self) -> None: ...
+    def drain(self, subscription: str = "") -> None:
+        """The daemon, or one subscription; LookupError when none is named so."""
 
     def resize(self, concurrency: int) -> None: ...
 
@@ -85,17 +87,26 @@ class Steering:
     def control_status(self, _args: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, **self.daemon.status()}
 
-    def control_pause(self, _args: dict[str, Any]) -> dict[str, Any]:
-        self.daemon.set_paused(True)
-        return {"ok": True, "paused": True}
+    def control_pause(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.for_subscription(args, lambda name: self.daemon.set_paused(True, name), {"paused": True})
 
-    def control_resume(self, _args: dict[str, Any]) -> dict[str, Any]:
-        self.daemon.set_paused(False)
-        return {"ok": True, "paused": False}
+    def control_resume(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.for_subscription(args, lambda name: self.daemon.set_paused(False, name), {"paused": False})
 
-    def control_drain(self, _args: dict[str, Any]) -> dict[str, Any]:
-        self.daemon.drain()
-        return {"ok": True, "state": "draining"}
+    def control_drain(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.for_subscription(args, self.daemon.drain, {"state": "draining"})
+
+    @staticmethod
+    def for_subscription(args: dict[str, Any], command: Callable[[str], None], answer: dict[str, Any]) -> dict[str, Any]:
+        """Run ``command`` on the subscription ``args`` names ("" or none: all of them)."""
+        name = args.get("subscription", "")
+        if not isinstance(name, str) or len(name) > 300:
+            return {"ok": False, "error": "subscription must be a subscription's name or path"}
+        try:
+            command(name)
+        except LookupError as exc:
+            return {"ok": False, "error": str(exc.args[0])}
+        return {"ok": True, **answer, **({"subscription": name} if name else {})}
 
     def control_scale(self, args: dict[str, Any]) -> dict[str, Any]:
         n, most = args.get("n"), self.daemon.max_concurrency

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import array
 import collections
+import dataclasses
 import os
 import pickle
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from consumerd.errors import WorkerProtocolError
-from consumerd.ipc.records import MAX_PACKET, MAX_RESULT_FRAME, ControlPacket, Result, Unit, decode_control, encode_control
+from consumerd.ipc.outputs import MARK, Output, OutputsTooLarge, PublishRules
+from consumerd.ipc.outputs import MAX_FRAME as MAX_OUTPUT_FRAME
+from consumerd.ipc.records import MAX_PACKET, MAX_RESULT_FRAME, ControlPacket, Outcome, Result, Unit, decode_control, encode_control
 
 T = TypeVar("T")
 _HEADER = struct.Struct(">I")
@@ -39,7 +42,9 @@ def encode_units(units: list[Unit]) -> bytes:
 
 
 def encode_result(result: Result) -> bytes:
-    return frame(result.encode())
+    """A result, after a frame for each output of a success (the supervisor pairs them by seq)."""
+    outputs = b"".join(frame(output.encode()) for output in result.outputs) if result.outcome is Outcome.SUCCESS else b""
+    return outputs + frame(result.encode())
 
 
 class FrameReader(Generic[T]):
@@ -69,9 +74,57 @@ class FrameReader(Generic[T]):
         return frames
 
 
-def result_reader() -> FrameReader[Result]:
-    """The supervisor's side: JSON results, 64 KiB at most each."""
-    return FrameReader(Result.decode, MAX_RESULT_FRAME)
+class ResultReader:
+    """The supervisor's side: JSON results of 64 KiB at most, each after the outputs its task
+    published (frames of up to ~10 MB, `ipc.outputs`), held here until their result arrives and
+    bounded by ``rules``: a worker that sends more is broken (WorkerProtocolError)."""
+
+    def __init__(self, rules: PublishRules = PublishRules()) -> None:
+        self._rules = rules
+        self._buffer = bytearray()
+        self._outputs: dict[int, list[Output]] = {}
+        self.ready: collections.deque[Result] = collections.deque()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) > _HEADER.size or self._buffer[: _HEADER.size] == bytes(_HEADER.size):
+            (length,) = _HEADER.unpack_from(self._buffer)
+            if not length:
+                raise WorkerProtocolError("empty frame")
+            is_output = self._buffer[_HEADER.size : _HEADER.size + 1] == MARK
+            limit = MAX_OUTPUT_FRAME if is_output else MAX_RESULT_FRAME
+            if length > limit:
+                raise WorkerProtocolError(f"frame length {length} exceeds {limit}")
+            end = _HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            payload = bytes(self._buffer[_HEADER.size : end])
+            del self._buffer[:end]
+            if is_output:
+                self._hold(Output.decode(payload))
+            else:
+                self._done(Result.decode(payload))
+
+    def _hold(self, output: Output) -> None:
+        held = self._outputs.setdefault(output.seq, [])
+        held.append(output)
+        if len(held) > self._rules.max_outputs or sum(o.size for o in held) > self._rules.max_bytes:
+            raise OutputsTooLarge(f"outputs of job {output.seq} exceed {self._rules.max_outputs} or {self._rules.max_bytes} bytes")
+
+    def _done(self, result: Result) -> None:
+        outputs = self._outputs.pop(result.seq, [])
+        if outputs and result.outcome is Outcome.SUCCESS:
+            result = dataclasses.replace(result, outputs=tuple(outputs))
+        self.ready.append(result)
+
+    def take(self) -> list[Result]:
+        results = list(self.ready)
+        self.ready.clear()
+        return results
+
+
+def result_reader(rules: PublishRules = PublishRules()) -> ResultReader:
+    return ResultReader(rules)
 
 
 def job_reader() -> FrameReader[Any]:
@@ -86,7 +139,13 @@ def _unpickle(payload: bytes) -> Any:
         raise WorkerProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
 
 
-def recv_frame(sock: socket.socket, reader: FrameReader[T]) -> T | None:
+class Reader(Protocol[T]):
+    ready: collections.deque[T]
+
+    def feed(self, data: bytes) -> None: ...
+
+
+def recv_frame(sock: socket.socket, reader: Reader[T]) -> T | None:
     """Blocking read of one frame (the worker's side); None at end of stream."""
     while not reader.ready:
         chunk = sock.recv(1 << 20)

@@ -13,15 +13,20 @@ import dataclasses
 import enum
 import json
 import math
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 from consumerd.errors import WorkerProtocolError
+from consumerd.ipc.outputs import Output, PublishRules
 from consumerd.message import Message
 
 MAX_PACKET = 64 * 1024  # one control packet (SOCK_SEQPACKET), either direction
 MAX_RESULT_FRAME = 64 * 1024  # one result frame from a worker; larger is a protocol error
 MAX_ERROR_CHARS = 4096  # a worker cuts the error text to this before sending
 MAX_TASKS = 10_000  # task names a fork server may announce
+MAX_RATE_LIMIT = 1_000_000  # messages per second: a `rate_limit` above it is a typo, not a limit
+MAX_CODE_FILES = 2000  # source files a fork server may list in its Ready packet (as many as fit)
+MAX_PATH_CHARS = 4096  # one such file's path
+MAX_TRACEBACK_CHARS = 16_000  # the traceback of task code that failed to import (its last characters)
 
 
 class Outcome(enum.StrEnum):
@@ -57,6 +62,7 @@ class TaskOptions:
     batch_size: int | None = None  # a batch task: called with up to this many messages at once
     batch_wait: float | None = None  # seconds a batch may wait to fill (default 1.0)
     is_async: bool = False  # an `async def` task: runs on the worker's event loop
+    rate_limit: float | None = None  # messages per second that may start (`@task(rate_limit="20/s")`, parsed)
 
     @property
     def batch(self) -> int:
@@ -86,7 +92,17 @@ class TaskOptions:
             out.append("batch_wait needs batch_size")
         if not isinstance(self.is_async, bool):
             out.append("is_async must be true or false")
+        if self.rate_limit is not None and not (is_number(self.rate_limit) and 0 < self.rate_limit <= MAX_RATE_LIMIT):
+            out.append(f"rate_limit must be a number of messages per second in (0, {MAX_RATE_LIMIT}]")
         return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MemoryLimits:
+    """[workers] memory settings in bytes (0 = off), which each worker applies to itself."""
+
+    retire_above: int = 0  # max_memory_per_child: a worker whose RSS is above this after a task retires
+    hard_cap: int = 0  # memory_limit: the worker's RLIMIT_DATA, set after fork
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,6 +118,8 @@ class ForkServerSpec:
     environment: tuple[tuple[str, str], ...] = ()  # [workers] environment: added for task code
     hidden_paths: tuple[str, ...] = ()  # made unreadable before any task module is imported (`landlock`)
     project: str = ""  # pubsub.project: the `gcp` log format names each task's trace with it
+    publish: PublishRules = PublishRules()  # what `consumerd.publish` may do in a task
+    memory: MemoryLimits = MemoryLimits()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -140,18 +158,22 @@ class Result:
     duration: float  # seconds the task function ran, measured in the worker
     error: str = ""  # "ExceptionType: text" when not a success
     retry_after: float | None = None  # with RETRY: the delay the task asked for (finite, >= 0)
+    outputs: tuple[Output, ...] = ()  # with SUCCESS: what the task published; they travel in frames of their own
+    # The worker's memory was past its limits after this call (`worker.memory`): it takes no new job
+    # and exits once the supervisor closes its channel, when it holds none.
+    over_memory: bool = False
 
     def encode(self) -> bytes:
-        row = [self.seq, self.outcome.value, self.duration, self.error[:MAX_ERROR_CHARS], self.retry_after]
+        row = [self.seq, self.outcome.value, self.duration, self.error[:MAX_ERROR_CHARS], self.retry_after, self.over_memory]
         return json.dumps(row, allow_nan=False, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, payload: bytes) -> Result:
         """Parse and validate one result frame; anything off raises WorkerProtocolError."""
         row = _json(payload)
-        if not (isinstance(row, list) and len(row) == 5):
-            raise WorkerProtocolError("result: expected [seq, outcome, duration, error, retry_after]")
-        seq, outcome, duration, error, retry_after = row
+        if not (isinstance(row, list) and len(row) == 6):
+            raise WorkerProtocolError("result: expected [seq, outcome, duration, error, retry_after, over_memory]")
+        seq, outcome, duration, error, retry_after, over_memory = row
         if not (_is_int(seq) and seq > 0):
             raise WorkerProtocolError("result: seq must be a positive integer")
         if outcome not in WORKER_OUTCOMES:
@@ -162,7 +184,11 @@ class Result:
             raise WorkerProtocolError(f"result: error must be text of at most {MAX_ERROR_CHARS} characters")
         if retry_after is not None and not (is_number(retry_after) and retry_after >= 0):
             raise WorkerProtocolError("result: retry_after must be a number >= 0 or null")
-        return cls(seq, Outcome(outcome), float(duration), error, None if retry_after is None else float(retry_after))
+        if not isinstance(over_memory, bool):
+            raise WorkerProtocolError("result: over_memory must be true or false")
+        return cls(
+            seq, Outcome(outcome), float(duration), error, None if retry_after is None else float(retry_after), over_memory=over_memory
+        )
 
 
 # -- fork server control packets ------------------------------------------------------------------
@@ -175,11 +201,22 @@ class Spawn:
     worker_id: int
 
 
+class CodeFile(NamedTuple):
+    """A source file the fork server loaded task code from, as it was then: a reload compares it with
+    the file on disk now (the supervisor only stats it, never reads or imports it)."""
+
+    path: str  # absolute
+    mtime_ns: int
+    size: int
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Ready:
-    """fork server -> supervisor: the task modules imported; these tasks exist, with their options."""
+    """fork server -> supervisor: the task modules imported; these tasks exist, with their options;
+    they came from these files."""
 
     tasks: tuple[tuple[str, TaskOptions], ...]
+    files: tuple[CodeFile, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -187,6 +224,7 @@ class PreloadFailed:
     """fork server -> supervisor: importing the task modules failed (a config error)."""
 
     error: str
+    traceback: str = ""  # where the task code failed, for a reload's `reload.rejected`
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -219,6 +257,7 @@ _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 def encode_control(packet: ControlPacket) -> bytes:
     if isinstance(packet, Ready):
         fields: dict[str, Any] = {"tasks": [{"name": name, **dataclasses.asdict(options)} for name, options in packet.tasks]}
+        fields["files"] = [list(f) for f in packet.files]
     else:
         fields = {f.name: getattr(packet, f.name) for f in dataclasses.fields(packet)}
     data = json.dumps({"kind": _KIND_OF[type(packet)], **fields}, separators=(",", ":")).encode()
@@ -234,14 +273,16 @@ def decode_control(payload: bytes) -> ControlPacket:
         raise WorkerProtocolError("control packet: unknown kind")
     kind = obj.pop("kind")
     if kind == "ready":
-        tasks = obj.get("tasks")
-        if set(obj) != {"tasks"} or not (isinstance(tasks, list) and len(tasks) <= MAX_TASKS):
+        tasks, files = obj.get("tasks"), obj.get("files")
+        if set(obj) != {"tasks", "files"} or not (isinstance(tasks, list) and len(tasks) <= MAX_TASKS):
             raise WorkerProtocolError("control packet ready: expected a list of tasks")
-        return Ready(tuple(_task_entry(entry) for entry in tasks))
+        if not (isinstance(files, list) and len(files) <= MAX_CODE_FILES):
+            raise WorkerProtocolError(f"control packet ready: expected a list of at most {MAX_CODE_FILES} files")
+        return Ready(tuple(_task_entry(entry) for entry in tasks), tuple(_code_file(entry) for entry in files))
     if kind == "preload_failed":
-        if set(obj) != {"error"} or not isinstance(obj["error"], str):
-            raise WorkerProtocolError("control packet preload_failed: error must be text")
-        return PreloadFailed(obj["error"][:MAX_ERROR_CHARS])
+        if set(obj) != {"error", "traceback"} or not (isinstance(obj["error"], str) and isinstance(obj["traceback"], str)):
+            raise WorkerProtocolError("control packet preload_failed: error and traceback must be text")
+        return PreloadFailed(obj["error"][:MAX_ERROR_CHARS], obj["traceback"][-MAX_TRACEBACK_CHARS:])
     cls = _KINDS[kind]
     names = {f.name for f in dataclasses.fields(cls)}
     if set(obj) != names or not all(_is_int(v) for v in obj.values()):
@@ -259,6 +300,17 @@ def _task_entry(entry: object) -> tuple[str, TaskOptions]:
     if problems := options.problems():
         raise WorkerProtocolError(f"control packet ready: task {entry['name'][:80]!r}: {problems[0]}")
     return entry["name"], options
+
+
+def _code_file(entry: object) -> CodeFile:
+    if not (isinstance(entry, list) and len(entry) == 3):
+        raise WorkerProtocolError("control packet ready: each file is [path, mtime_ns, size]")
+    path, mtime_ns, size = entry
+    if not (isinstance(path, str) and path.startswith("/") and len(path) <= MAX_PATH_CHARS and "\0" not in path):
+        raise WorkerProtocolError(f"control packet ready: a file's path must be absolute, at most {MAX_PATH_CHARS} characters")
+    if not (_is_int(mtime_ns) and _is_int(size) and mtime_ns >= 0 and size >= 0):
+        raise WorkerProtocolError("control packet ready: a file's mtime_ns and size must be integers >= 0")
+    return CodeFile(path, mtime_ns, size)
 
 
 def _json(payload: bytes) -> Any:

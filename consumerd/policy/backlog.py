@@ -9,7 +9,7 @@ however large, so nothing is stuck). No I/O and no clock: `now` is passed in.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from consumerd.ipc.held import InFlight
 
@@ -24,8 +24,9 @@ class Backlog:
         self.running_bytes = 0
         self.task_caps: dict[str, int] = {}  # @task(concurrency=N): at most N of that task running
         self.running_tasks: collections.Counter[str] = collections.Counter()
-        self.held_bytes = 0  # waiting + running (+ being dead-lettered, until released)
+        self.held_bytes = 0  # waiting + running (+ being dead-lettered, + outputs being published, until released)
         self.waiting_tasks: collections.Counter[str] = collections.Counter()  # task -> messages waiting
+        self._running = 0
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -50,12 +51,13 @@ class Backlog:
         self.waiting.append(inflight)
         self.waiting_tasks[inflight.task] += 1
 
-    def next_ready(self, now: float) -> InFlight | None:
-        """Remove and return the oldest message that may start now, or None."""
+    def next_ready(self, now: float, skip: Collection[str] = ()) -> InFlight | None:
+        """Remove and return the oldest message that may start now, or None; messages of the tasks
+        in ``skip`` (waiting for a rate limit) are passed over."""
         for index, inflight in enumerate(self.waiting):
             if not self._fits(inflight):
                 return None  # keep arrival order: nothing overtakes a big message waiting for room
-            if self._task_free(inflight.task) and self._key_free(inflight.key, now):
+            if inflight.task not in skip and self._task_free(inflight.task) and self._key_free(inflight.key, now):
                 del self.waiting[index]
                 self._unwait([inflight])
                 self._started(inflight)
@@ -99,7 +101,12 @@ class Backlog:
             if self.waiting_tasks[inflight.task] <= 0:
                 del self.waiting_tasks[inflight.task]
 
+    def running_count(self) -> int:
+        """Messages started and not finished (on a worker, or queued behind a running one)."""
+        return self._running
+
     def _started(self, inflight: InFlight) -> None:
+        self._running += 1
         self.running_bytes += inflight.size
         self.running_tasks[inflight.task] += 1
         if self.ordered and inflight.key:
@@ -127,6 +134,7 @@ class Backlog:
 
     def finished(self, inflight: InFlight) -> None:
         """A started message is done running (whatever its fate)."""
+        self._running -= 1
         self.running_bytes -= inflight.size
         self.running_keys.discard(inflight.key)
         self.running_tasks[inflight.task] -= 1
@@ -136,6 +144,15 @@ class Backlog:
     def released(self, inflight: InFlight) -> None:
         """The supervisor no longer holds the message (acked, given back, forwarded)."""
         self.held_bytes -= inflight.size
+
+    def publishing(self, size: int) -> None:
+        """Outputs of a finished task weigh like a running message until Pub/Sub accepted them."""
+        self.running_bytes += size
+        self.held_bytes += size
+
+    def published(self, size: int) -> None:
+        self.running_bytes -= size
+        self.held_bytes -= size
 
     def hold_key(self, key: str, until: float) -> list[InFlight]:
         """After a failure on ``key``: nothing of that key starts before ``until``.

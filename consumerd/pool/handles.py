@@ -1,7 +1,8 @@
 """What the pool knows about each worker, and the events it reports to the supervisor.
 
-The supervisor reads events (`WorkerStarted`, `WorkerResult`, `WorkerExited`) and asks the pool
-questions; the fields of a `WorkerHandle` are the pool's own business.
+The supervisor reads events (`WorkerStarted`, `WorkerResult`, `WorkerExited`, and for a reload's new
+code `GenerationReady`, `GenerationFailed`, `GenerationRetired`) and asks the pool questions; the
+fields of a `WorkerHandle` are the pool's own business.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import enum
 import os
 import signal
 import socket
+from collections.abc import Callable
+from typing import Any
 
 from consumerd.errors import ExitCode, WorkerProtocolError
-from consumerd.ipc.framing import FrameReader, result_reader
+from consumerd.ipc.framing import ResultReader
 from consumerd.ipc.held import InFlight
-from consumerd.ipc.records import Job, Outcome, Result, Unit
+from consumerd.ipc.records import Job, Outcome, Result, TaskOptions, Unit
 
 
 class KillReason(enum.StrEnum):
@@ -64,7 +67,7 @@ class WorkerHandle:
     id: int
     pid: int
     sock: socket.socket
-    reader: FrameReader[Result] = dataclasses.field(default_factory=result_reader)
+    reader: ResultReader = dataclasses.field(default_factory=ResultReader)  # bounded by the spec's PublishRules
     slots: dict[int, Slot] = dataclasses.field(default_factory=dict)  # by seq, in the order sent
     mode: Mode | None = None  # None while it holds nothing
     outbox: list[Unit] = dataclasses.field(default_factory=list)  # jobs to send in the next frame
@@ -75,8 +78,10 @@ class WorkerHandle:
     kill_escalate_at: float | None = None
     closed: bool = False
     retiring: bool = False  # beyond the pool's size: takes no new job, closed once it holds none
+    over_memory: bool = False  # retiring because it reported its memory past its limits (`worker.memory`)
     reserved: Mode | None = None  # runs dry, then takes only this kind (a job of it waits)
     max_tasks: int = 0  # 0 = unlimited; at the limit the worker exits by itself
+    generation: int = 0  # the generation of task code it runs (`generation`): its fork server's
 
     @property
     def exhausted(self) -> bool:
@@ -96,6 +101,10 @@ class WorkerHandle:
     @property
     def busy(self) -> bool:
         return bool(self.slots)
+
+    def retire_for_memory(self) -> None:
+        """It said its memory is past its limits: it takes no new job and is closed once it holds none."""
+        self.retiring = self.over_memory = True
 
     def units(self) -> int:
         """Calls it holds (running or queued)."""
@@ -151,6 +160,14 @@ class WorkerHandle:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def close(self, forget: Callable[[Any], None]) -> None:
+        """Close its channel (``forget`` drops it from the caller's selector first): an idle worker
+        exits by itself when its channel closes."""
+        if not self.closed:
+            self.closed = True
+            forget(self.sock)
+            self.sock.close()
+
 
 @dataclasses.dataclass(frozen=True)
 class WorkerStarted:
@@ -204,7 +221,38 @@ class WorkerExited:
         code = self.exit_code
         if code < 0:
             return f"signal_{signal.Signals(-code).name}" if -code in signal.valid_signals() else "signal"
+        if code == 0 and self.worker.over_memory:
+            return "max_memory"
         return "exit_0" if code == 0 else "exit_nonzero"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationReady:
+    """A reload's new task code loaded in a fork server of its own: promote it (`Pool.promote`), or
+    discard it (`Pool.discard_starting`)."""
+
+    generation: int
+    tasks: dict[str, TaskOptions]
+    took: float  # seconds from its start to its Ready
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationFailed:
+    """A reload's new task code did not load (it raised, its fork server died or took too long): the
+    current generation runs on."""
+
+    generation: int
+    error: str
+    traceback: str = ""  # where the task code failed, when it raised
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRetired:
+    """A replaced generation is gone: its workers finished (or died with its fork server), and its
+    fork server was told to stop."""
+
+    generation: int
+    reason: str
 
 
 def timeout_detail(seconds: float, cancellation_ignored: bool = False) -> str:
@@ -229,6 +277,14 @@ def outcome_of(kill_reason: KillReason | None, slot: Slot) -> Outcome:
     return Outcome.CRASH
 
 
-PoolEvent = WorkerStarted | WorkerResult | WorkerExited
+def describe_status(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+GenerationEvent = GenerationReady | GenerationFailed | GenerationRetired
+PoolEvent = WorkerStarted | WorkerResult | WorkerExited | GenerationEvent
 # Every value `WorkerExited.cause` can take, so the metrics can show each from the start at zero.
-EXIT_CAUSES = (*(r.value for r in KillReason if r is not KillReason.CHANNEL_CLOSED), "exit_0", "exit_nonzero")
+EXIT_CAUSES = (*(r.value for r in KillReason if r is not KillReason.CHANNEL_CLOSED), "exit_0", "exit_nonzero", "max_memory")

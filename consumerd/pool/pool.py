@@ -1,8 +1,17 @@
-"""Parent side of the workers: start the fork server, spawn, feed, read results, time out, kill, reap.
+"""Parent side of the workers: start fork servers, spawn, feed, read results, time out, kill, reap.
 
 The pool does mechanics only; what a result or an exit means for a message is the supervisor's call.
 It owns every fact about a worker (what it runs, since when, until when, whether it is dying): the
 supervisor asks (`overdue`, `next_deadline`, `running`) instead of reading a worker's fields.
+
+Workers come from a fork server, one per generation of task code (`generation`). A reload's new code
+starts a second one (`begin`); while it loads, the current workers take new jobs as before, but none
+queued behind a running one. Once it is ready and wanted (`promote`), new jobs go to its workers
+only; the old workers finish what they run on the old code and exit, and the old fork server stops
+after its last worker. New workers are asked for as old ones free up, so old and new together never
+exceed the pool's size: `workers.concurrency` is what the host can take (cores, memory, connections),
+and a reload must not overshoot it. Every fork server's channel is behind one descriptor
+(`control_fd`): the supervisor watches one, whatever the number of generations.
 """
 
 from __future__ import annotations
@@ -10,54 +19,47 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import pickle
 import signal
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from consumerd.adapters.linux import kill_group
 from consumerd.config import Settings
-from consumerd.errors import ConfigError, ConsumerdError, WorkerProtocolError
-from consumerd.ipc.framing import encode_units, recv_packet, send_frames
+from consumerd.errors import ConfigError, WorkerProtocolError
+from consumerd.ipc.framing import encode_units, send_frames
 from consumerd.ipc.held import InFlight
-from consumerd.ipc.records import (
-    BatchJob,
-    Exited,
-    ForkServerSpec,
-    Job,
-    PreloadFailed,
-    Ready,
-    Result,
-    Spawn,
-    Spawned,
-    TaskOptions,
-    Unit,
-    encode_control,
-)
+from consumerd.ipc.outputs import PublishRules
+from consumerd.ipc.records import BatchJob, CodeFile, ForkServerSpec, Job, MemoryLimits, PreloadFailed, Ready, Result, TaskOptions, Unit
+from consumerd.pool.generation import ForkServerDied, GenerationStatus, Launch, launch
 from consumerd.pool.handles import (
+    GenerationRetired,
     KillReason,
-    Lost,
     Mode,
     PoolEvent,
     WorkerExited,
     WorkerHandle,
     WorkerResult,
     WorkerStarted,
-    died_by_itself,
-    outcome_of,
     timeout_detail,
 )
-from consumerd.pool.sandbox import hidden_from_tasks, task_environment
+from consumerd.pool.sandbox import hidden_from_tasks
+from consumerd.pool.succession import Succession
 
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL to a worker's process group
-# The fork server runs the consumerd package the supervisor runs, from its own directory, in
-# isolated mode (-I: no PYTHON* variables, no working directory on sys.path).
-_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
-_BOOTSTRAP = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); from consumerd.worker.forkserver import main; sys.exit(main())"
+START_TIMEOUT = 60.0  # seconds a reload's new code may take to load before it is given up
+# What the supervisor, the tests and consumerd.testing import from here (the events are handles').
+__all__ = [
+    "KILL_GRACE",
+    "ForkServerDied",
+    "KillReason",
+    "Pool",
+    "RunningJob",
+    "WorkerExited",
+    "WorkerResult",
+    "WorkerStarted",
+    "fork_server_spec",
+]
 
 
 def fork_server_spec(settings: Settings) -> ForkServerSpec:
@@ -72,6 +74,8 @@ def fork_server_spec(settings: Settings) -> ForkServerSpec:
         environment=tuple(settings.workers.environment.items()),
         hidden_paths=hidden_from_tasks(os.environ) if settings.workers.hide_credentials else (),
         project=settings.pubsub.project,
+        publish=PublishRules.of(settings),
+        memory=MemoryLimits(settings.workers.max_memory_per_child, settings.workers.memory_limit),
     )
 
 
@@ -80,43 +84,23 @@ class RunningJob:
     pid: int
     inflight: InFlight
     started_at: float  # monotonic
-
-
-class ForkServerDied(ConsumerdError):
-    """The fork server exited or broke the protocol: no worker can be replaced any more."""
+    generation: int = 0  # of the task code its worker runs
 
 
 class Pool:
-    def __init__(self, spec: ForkServerSpec, size: int, forget: Callable[[socket.socket], None]) -> None:
-        self.spec = spec
+    def __init__(self, spec: ForkServerSpec, size: int, forget: Callable[[Any], None], launch: Launch = launch) -> None:
+        self.spec = spec  # the current generation's (a reload's new code comes with its own, `begin`)
         self._forget = forget  # called before a channel is closed (the caller's selector drops it)
         self.size = size
-        self.workers: dict[int, WorkerHandle] = {}  # by pid
-        self._pending_spawns = 0
+        self.workers: dict[int, WorkerHandle] = {}  # the current generation's, by pid
+        self.succession = Succession(launch, self._close)
         self._ids = itertools.count(1)
-        self._server: subprocess.Popen[bytes] | None = None
-        self._control: socket.socket | None = None
         self._seq = itertools.count(1)
 
-    # -- fork server ---------------------------------------------------------------------
+    # -- fork servers ----------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> dict[str, TaskOptions]:
         """Start the fork server, wait until it imported the task modules; return their tasks' options."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._server = subprocess.Popen(
-            [sys.executable, "-I", "-c", _BOOTSTRAP, str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-            env=task_environment(os.environ, dict(self.spec.environment)),  # no secrets for task code
-        )
-        theirs.close()
-        self._control = ours
-        ours.send(pickle.dumps(self.spec))
-        ours.settimeout(timeout)
-        try:
-            reply, _ = self._recv_control()
-        except (TimeoutError, ConnectionError) as exc:
-            raise ForkServerDied(f"fork server did not start: {exc}") from None
-        ours.settimeout(None)
+        reply = self.succession.first(self.spec, self.workers, timeout)
         if isinstance(reply, PreloadFailed):
             raise ConfigError(reply.error)
         if not isinstance(reply, Ready):
@@ -125,68 +109,67 @@ class Pool:
 
     @property
     def control_fd(self) -> int:
-        assert self._control is not None
-        return self._control.fileno()
-
-    def _recv_control(self) -> tuple[object, int | None]:
-        """One control packet and the descriptor that came with it, if any."""
-        assert self._control is not None
-        try:
-            return recv_packet(self._control)
-        except WorkerProtocolError as exc:
-            raise ForkServerDied(str(exc)) from None
+        """Every fork server's channel, behind one descriptor: readable when any has a packet."""
+        return self.succession.fileno()
 
     def read_control(self, now: float) -> list[PoolEvent]:
-        """The fork server has a packet for us: a spawned worker or an exit status."""
-        packet, fd = self._recv_control()
-        if isinstance(packet, Spawned) and fd is not None:
-            return [self._adopt(packet.worker_id, packet.pid, fd)]
-        if fd is not None:
-            os.close(fd)
-        if isinstance(packet, Exited):
-            return self._exited(packet.pid, packet.status, now)
-        raise ForkServerDied(f"unexpected packet from the fork server: {type(packet).__name__}")
+        """Fork servers have packets: spawned workers, exit statuses, new code's Ready or failure."""
+        return self.succession.read(now)
 
-    def _adopt(self, worker_id: int, pid: int, fd: int) -> WorkerStarted:
-        self._pending_spawns -= 1
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError as exc:
-            os.close(fd)
-            raise ForkServerDied(f"the fork server sent a descriptor that is not a socket: {exc}") from None
-        sock.setblocking(False)  # one syscall per send/recv on the hot path; see _send
-        handle = WorkerHandle(worker_id, pid, sock, max_tasks=self.spec.max_tasks_per_child)
-        self.workers[pid] = handle
-        return WorkerStarted(handle)
+    @property
+    def generation(self) -> int:
+        """The current generation's number: 1 until a reload brought new code."""
+        return self.succession.current.number if self.succession.current else 0
 
-    def _exited(self, pid: int, status: int, now: float) -> list[PoolEvent]:
-        handle = self.workers.pop(pid, None)
-        if handle is None:
-            return []
-        self._close(handle)
-        _sweep_process_group(pid)
-        reason = describe_status(status) if died_by_itself(handle.kill_reason, status) else (handle.kill_detail or describe_status(status))
-        lost = [Lost(s.inflight, outcome_of(handle.kill_reason, s), now - s.started_at) for s in handle.started()]  # type: ignore[operator]
-        unstarted = [s.inflight for s in handle.slots.values() if s.started_at is None]
-        handle.slots.clear()
-        return [WorkerExited(handle, lost, unstarted, status, handle.kill_reason, reason)]
+    def code_files(self) -> tuple[CodeFile, ...]:
+        """The files the current generation's code came from, as they were when it loaded them."""
+        return self.succession.current.files if self.succession.current else ()
+
+    def generations(self, now: float) -> list[GenerationStatus]:
+        return self.succession.statuses(now)
+
+    def begin(self, spec: ForkServerSpec, now: float, timeout: float = START_TIMEOUT) -> int:
+        """Start a fork server for new task code beside the current one (one still starting is
+        stopped); its `GenerationReady` or `GenerationFailed` comes from `read_control`. Until then no
+        job is queued behind a running one (`pick`): the switch leaves none waiting on old code."""
+        return self.succession.begin(spec, now, timeout)
+
+    def discard_starting(self, now: float) -> None:
+        self.succession.discard_starting(now)
+
+    def promote(self, now: float) -> list[GenerationRetired]:
+        """The new code is ready and wanted: new jobs go to its workers from now on; the old workers
+        finish what they run, then exit. New workers are asked for as old ones free up."""
+        events = self.succession.promote(now)
+        current = self.succession.current
+        assert current is not None
+        self.spec, self.workers = current.spec, current.workers
+        self.spawn_missing()
+        return events
 
     # -- workers ---------------------------------------------------------------------------
+    def _all(self) -> Iterator[WorkerHandle]:
+        """Every worker: the current generation's and those of generations that are finishing."""
+        yield from self.workers.values()
+        yield from self.succession.finishing_workers()
+
     def spawn_missing(self) -> int:
-        """Ask for workers until the pool has ``size`` (counting those on their way)."""
-        assert self._control is not None
+        """Ask for workers until the pool has ``size``, counting those on their way and a replaced
+        generation's workers that still run a task: they hold their place until they finish."""
+        gen = self.succession.current
+        assert gen is not None
         live = sum(1 for w in self.workers.values() if w.live)
-        missing = self.size - live - self._pending_spawns
+        finishing = sum(1 for w in self.succession.finishing_workers() if w.slots and w.kill_escalate_at is None)
+        missing = self.size - live - gen.pending_spawns - finishing
         for _ in range(max(0, missing)):
-            self._control.send(encode_control(Spawn(next(self._ids))))
-            self._pending_spawns += 1
+            gen.spawn(next(self._ids))
         return max(0, missing)
 
     def retire_surplus(self) -> int:
         """After the pool shrank: close idle workers beyond ``size``; busy ones take no new job and
         are closed once they hold none (`read_worker`)."""
         live = [w for w in self.workers.values() if w.live]
-        surplus = len(live) + self._pending_spawns - self.size
+        surplus = len(live) + (self.succession.current.pending_spawns if self.succession.current else 0) - self.size
         retired = 0
         for worker in sorted(live, key=lambda w: len(w.slots)):  # idle ones first
             if retired >= surplus:
@@ -201,10 +184,13 @@ class Pool:
         return [w for w in self.workers.values() if w.idle]
 
     def pick(self, mode: Mode, depth: int, reserve: bool = False) -> WorkerHandle | None:
-        """The worker with the most room for a call of ``mode``, up to ``depth`` calls deep. A busy
-        sync worker whose queue is still half full is passed over: it is refilled later, many jobs in
-        one frame. With ``reserve``, when none can take it, the least busy worker of the other kind is
-        left to run dry and then takes only ``mode``."""
+        """The current generation's worker with the most room for a call of ``mode``, up to ``depth``
+        calls deep (while new code loads, sync calls go to idle workers only). A busy sync worker
+        whose queue is still half full is passed over: it is refilled later, many jobs in one frame.
+        With ``reserve``, when none can take it, the least busy worker of the other kind is left to
+        run dry and then takes only ``mode``."""
+        if self.succession.loading and mode is Mode.SYNC:
+            depth = 1
         best, room = None, 0
         for worker in self.workers.values():
             if worker.reserved is not None and worker.reserved is not mode:
@@ -226,7 +212,7 @@ class Pool:
         self.retire_surplus()
 
     def worker_count(self) -> int:
-        return len(self.workers)
+        return sum(1 for _ in self._all())
 
     def running(self) -> list[InFlight]:
         """The messages workers are running now (not those queued behind them)."""
@@ -234,15 +220,15 @@ class Pool:
 
     def queued(self) -> list[InFlight]:
         """Messages sent to a worker that has not started them yet."""
-        return [s.inflight for w in self.workers.values() for s in w.slots.values() if s.started_at is None]
+        return [s.inflight for w in self._all() for s in w.slots.values() if s.started_at is None]
 
     def jobs(self) -> list[RunningJob]:
         """What runs now, worker by worker (for `consumerd status`)."""
-        return [RunningJob(w.pid, s.inflight, s.started_at) for w in self.workers.values() for s in w.started()]  # type: ignore[arg-type]
+        return [RunningJob(w.pid, s.inflight, s.started_at, w.generation) for w in self._all() for s in w.started()]  # type: ignore[arg-type]
 
     def busy_count(self) -> int:
         """Messages the workers hold, running or queued."""
-        return sum(len(w.slots) for w in self.workers.values())
+        return sum(len(w.slots) for w in self._all())
 
     def assign(self, worker: WorkerHandle, unit: list[InFlight], mode: Mode, timeout: float, now: float, batch: bool = False) -> None:
         """Add one call (one message, or a batch's) to the worker's next frame (`flush` sends it)."""
@@ -252,7 +238,7 @@ class Pool:
 
     def flush(self, now: float) -> None:
         """Send each worker the jobs assigned to it since the last flush, in one frame."""
-        for worker in self.workers.values():
+        for worker in list(self._all()):
             if worker.outbox:
                 units: list[Unit] = worker.outbox
                 worker.outbox = []
@@ -287,12 +273,14 @@ class Pool:
     @staticmethod
     def _result(worker: WorkerHandle, result: Result, now: float) -> WorkerResult:
         slot, ran_for = worker.release(result.seq, now)
+        if result.over_memory:
+            worker.retire_for_memory()  # closed once it holds nothing (`read_worker`), then it exits
         return WorkerResult(worker, slot.inflight, result, ran_for)
 
     # -- timeouts and kills ------------------------------------------------------------------
     def overdue(self, now: float) -> list[WorkerHandle]:
         """Workers running a job past its deadline that are not being killed yet."""
-        return [w for w in self.workers.values() if w.kill_escalate_at is None and any(now >= s.deadline for s in w.started())]
+        return [w for w in self._all() if w.kill_escalate_at is None and any(now >= s.deadline for s in w.started())]
 
     def kill_overdue(self, now: float) -> int:
         overdue = self.overdue(now)
@@ -309,7 +297,7 @@ class Pool:
 
     def kill_busy(self, reason: KillReason, now: float, grace: float) -> None:
         """Stop every worker that holds a job (draining past its deadline, a quick stop)."""
-        for worker in list(self.workers.values()):
+        for worker in list(self._all()):
             if worker.slots:
                 self.kill(worker, reason, now, reason.value.replace("_", " "), grace=grace)
 
@@ -323,62 +311,32 @@ class Pool:
         kill_group(worker.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
 
     def escalate_kills(self, now: float) -> None:
-        for worker in self.workers.values():
+        """SIGKILL what is past its grace: workers, a fork server that did not stop in time, and new
+        code that did not load in time (its channel then closes: `read_control` reports it failed)."""
+        for worker in self._all():
             if worker.kill_escalate_at is not None and now >= worker.kill_escalate_at:
                 kill_group(worker.pid, signal.SIGKILL)
                 worker.kill_escalate_at = float("inf")  # once is enough; the exit event follows
+        self.succession.escalate(now)
 
     def next_deadline(self) -> float | None:
         """The next moment something is due here: a job's deadline or a kill's escalation."""
-        due = [s.deadline for w in self.workers.values() if w.kill_escalate_at is None for s in w.started()]
-        due += [w.kill_escalate_at for w in self.workers.values() if w.kill_escalate_at is not None and w.kill_escalate_at != float("inf")]
+        workers = list(self._all())
+        due = [s.deadline for w in workers if w.kill_escalate_at is None for s in w.started()]
+        due += [w.kill_escalate_at for w in workers if w.kill_escalate_at is not None and w.kill_escalate_at != float("inf")]
+        due += self.succession.deadlines()
         return min(due) if due else None
 
     def _close(self, worker: WorkerHandle) -> None:
-        if not worker.closed:
-            worker.closed = True
-            self._forget(worker.sock)
-            worker.sock.close()
+        worker.close(self._forget)
 
     # -- shutdown --------------------------------------------------------------------------
     def stop(self, timeout: float = 5.0, linger: float = 2.0) -> None:
         """Close every channel: idle workers run their stop hooks and exit (up to ``linger`` seconds);
-        then close the fork server's channel: it kills what is left of its workers and exits."""
-        for worker in list(self.workers.values()):
-            self._close(worker)
-        self._await_exits(linger)
-        if self._control is not None:
-            self._forget(self._control)
-            self._control.close()
-            self._control = None
-        if self._server is not None:
-            try:
-                self._server.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._server.kill()
-                self._server.wait()
-
-    def _await_exits(self, linger: float) -> None:
-        if self._control is None or not self.workers:
+        then close the fork servers' channels: each kills what is left of its workers and exits."""
+        if self.succession.stopped:
             return
-        deadline = time.monotonic() + linger
-        try:
-            while self.workers and (remaining := deadline - time.monotonic()) > 0:
-                self._control.settimeout(remaining)
-                for event in self.read_control(time.monotonic()):
-                    if isinstance(event, WorkerStarted):  # spawned just before the stop: it exits too
-                        self._close(event.worker)
-        except (OSError, ConsumerdError):
-            pass  # the fork server is gone, or the time is up: it kills the rest
-
-
-def _sweep_process_group(pgid: int) -> None:
-    """A worker is gone: whatever its task left behind in its process group goes too."""
-    kill_group(pgid, signal.SIGKILL)
-
-
-def describe_status(status: int) -> str:
-    code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exited with code {code}"
+        for worker in list(self._all()):
+            self._close(worker)
+        self._forget(self.control_fd)
+        self.succession.stop(timeout, linger)

@@ -16,6 +16,7 @@ from structlog.stdlib import BoundLogger
 from consumerd.adapters.pubsub.acker import Acker
 from consumerd.adapters.pubsub.client import PubSub, is_transient
 from consumerd.adapters.pubsub.forwarder import Forwarder
+from consumerd.adapters.pubsub.publisher import OutputPublisher
 from consumerd.adapters.pubsub.puller import Puller
 from consumerd.config import Settings
 from consumerd.ipc.inbox import Inbox
@@ -30,16 +31,17 @@ class IoThreads:
     puller: Puller
     acker: Acker
     forwarder: Forwarder | None  # with [dead_letter] topic
+    publisher: OutputPublisher | None = None  # with [publish] topics
 
     def start(self, resources: contextlib.ExitStack, flush_timeout: Callable[[], float], log: BoundLogger) -> None:
         """Start the threads; each one's stop goes on ``resources`` (the acker's flushes first, for
         ``flush_timeout()`` seconds: asked at exit, so a reload's value counts)."""
-        for thread in (self.acker, self.forwarder, self.puller):  # stopped in reverse order
+        for thread in (self.acker, self.forwarder, self.publisher, self.puller):  # stopped in reverse order
             if thread is not None:
                 thread.start()
                 resources.callback(self._stop, thread, flush_timeout, log)
 
-    def _stop(self, thread: Puller | Acker | Forwarder, flush_timeout: Callable[[], float], log: BoundLogger) -> None:
+    def _stop(self, thread: Puller | Acker | Forwarder | OutputPublisher, flush_timeout: Callable[[], float], log: BoundLogger) -> None:
         if thread is self.acker and not self.acker.flush(flush_timeout()):
             log.error("pubsub.flush_timeout", detail="some acks/nacks were not sent; those messages will be redelivered")
         thread.stop()
@@ -53,12 +55,16 @@ class Components:
         return PubSub(settings.pubsub)
 
     def io_threads(self, pubsub: PubSub, settings: Settings, inbox: Inbox) -> IoThreads:
+        """The threads of the subscription ``settings`` name; their log lines name it."""
+        labels = {"subscription": settings.pubsub.subscription_path.rpartition("/")[2]}
         forwarder = None
         if settings.dead_letter.topic:
             topic = settings.pubsub.topic_path(settings.dead_letter.topic)
-            forwarder = Forwarder(lambda data, attrs: pubsub.publish(topic, data, attrs), inbox, is_transient)
+            forwarder = Forwarder(lambda data, attrs: pubsub.publish(topic, data, attrs), inbox, is_transient, labels=labels)
+        publisher = OutputPublisher(pubsub.publish_many, inbox, is_transient, labels=labels) if settings.publish.topics else None
         return IoThreads(
-            puller=Puller(pubsub.pull, inbox, is_transient, timeout=settings.pubsub.pull_timeout),
-            acker=Acker(pubsub.ack, pubsub.modack, is_transient),
+            puller=Puller(pubsub.pull, inbox, is_transient, timeout=settings.pubsub.pull_timeout, labels=labels),
+            acker=Acker(pubsub.ack, pubsub.modack, is_transient, labels=labels),
             forwarder=forwarder,
+            publisher=publisher,
         )

@@ -22,6 +22,7 @@ from consumerd.policy.flow import Ewma, prefetch_allowance, pull_size
 from consumerd.pool.handles import Mode, WorkerHandle
 from consumerd.pool.pool import Pool
 from consumerd.supervisor.settler import Settler
+from consumerd.supervisor.throttle import Throttle
 
 # A tick this late means the loop did not run (SIGSTOP, a VM pause; it wakes at least once a second):
 # look for lapsed leases, and date what a pull brought meanwhile from when the stall began.
@@ -44,11 +45,13 @@ OnError = Callable[[str, Exception, InFlight | None], None]
 
 
 class Intake:
-    def __init__(self, settings: Settings, settler: Settler, backlog: Backlog, on_error: OnError) -> None:
+    def __init__(self, settings: Settings, settler: Settler, backlog: Backlog, on_error: OnError, throttle: Throttle | None = None) -> None:
         self.settings = settings  # replaced on reload
         self.settler = settler
         self.backlog = backlog
         self.on_error = on_error
+        self.throttle = throttle if throttle is not None else Throttle(settings, settler.metrics)  # the host's rate limits
+        self.throttled: set[str] = set()  # limited tasks whose next message found no token in the last pass
         self.router = Router(settings.tasks.route_attribute, settings.tasks.default)
         self.task_names: frozenset[str] = frozenset()  # known once the fork server imported the modules
         self.lease_deadline = 10  # the subscription's ack deadline: what a pulled message holds
@@ -80,6 +83,10 @@ class Intake:
     def next_batch_due(self) -> float | None:
         """When a batch that is still filling must go anyway (None: none is filling)."""
         return self.batch_due
+
+    def next_token_due(self, now: float) -> float | None:
+        """When a rate-limited task that found no token may have one (None: none is waiting)."""
+        return self.throttle.due(self.throttled, now) if self.throttled else None
 
     def task_ran(self, seconds: float) -> None:
         self.task_seconds.add(seconds)
@@ -149,17 +156,24 @@ class Intake:
             self.settler.give_back(inflight, delay=verdict.delay)
 
     # -- out to workers --------------------------------------------------------------------
-    def dispatch(self, pool: Pool, now: float) -> None:
-        """Start what may start, oldest first: on an idle worker, queued behind a running sync job,
-        or as one more coroutine; drop what lapsed while it waited. What finds no worker waits for
-        the next pass, and keeps the other kind of task from taking the worker it needs."""
+    def dispatch(self, pool: Pool, now: float, limit: int = 0) -> int:
+        """Start what may start, oldest first (at most ``limit`` calls; 0: no limit): on an idle
+        worker, queued behind a running sync job, or as one more coroutine; drop what lapsed while it
+        waited. What finds no worker waits for the next pass, and keeps the other kind of task from
+        taking the worker it needs. Returns the calls started; the caller flushes the pool."""
+        started = 0
         deferred: list[InFlight] = []
+        self.throttled = set()
         blocked: set[Mode] = set()
         self.batch_due = None
         # Only the kinds of task that have messages waiting: once they all found no worker, the
         # rest of the backlog need not be looked at (a pass stays O(started), not O(backlog)).
         waiting = {Mode.ASYNC if self.options_of(task).is_async else Mode.SYNC for task in self.backlog.waiting_tasks}
-        while not waiting <= blocked and (inflight := self.backlog.next_ready(now)) is not None:
+        while (
+            not waiting <= blocked
+            and not (limit and started >= limit)
+            and (inflight := self.backlog.next_ready(now, skip=self.throttled)) is not None
+        ):
             try:
                 if self.settler.lapsed(inflight, now):
                     self.backlog.finished(inflight)  # it never ran: frees its key and bytes
@@ -172,6 +186,10 @@ class Intake:
                     blocked.add(mode)
                     deferred.append(inflight)
                     continue
+                if not self.throttle.admit(inflight, now):  # no token yet: it waits here, others overtake it
+                    self.throttled.add(inflight.task)
+                    deferred.append(inflight)
+                    continue
                 unit = [inflight]
                 if options.batch_size:
                     unit += self.backlog.take_batch(inflight.task, options.batch_size - 1, now)
@@ -180,10 +198,11 @@ class Intake:
                         deferred += unit  # still filling: the next pull may complete it
                         continue
                 pool.assign(worker, unit, mode, self.timeout_of(inflight.task), now, batch=bool(options.batch_size))
+                started += 1
             except Exception as exc:  # noqa: BLE001 - the safety net, with this message to give back
                 self.on_error("dispatch", exc, inflight)
         self.backlog.unget(deferred)
-        pool.flush(now)
+        return started
 
     def pick(self, pool: Pool, mode: Mode, blocked: set[Mode]) -> WorkerHandle | None:
         """The worker the pool finds with the most room for a call of ``mode``. While the other kind
@@ -234,7 +253,7 @@ class Intake:
     def next_pull(self, concurrency: int, busy: int, now: float = 0.0) -> int:
         """How many messages to ask for now (0: none), for ``concurrency`` workers holding ``busy``
         messages. The caller sends the request."""
-        forwarding = self.settler.dead_lettering()
+        forwarding = self.settler.publishing()
         if self.requested or forwarding >= MAX_FORWARDING:
             return 0  # one pull at a time; and no more poison while the forwarder is this far behind
         budget = self.settings.flow.max_inflight_bytes
@@ -246,13 +265,19 @@ class Intake:
         n = pull_size(
             concurrency * per_worker,
             busy + forwarding,
-            len(self.backlog),
+            len(self.backlog) - self.waiting_for_tokens(),
             self.requested,
             prefetch=prefetch,
             max_per_pull=min(1000, max(100, per_worker)),
         )
         self.requested += n
         return n
+
+    def waiting_for_tokens(self) -> int:
+        """Messages of rate-limited tasks waiting for a token, up to a couple of seconds of their
+        rate: a pull looks past them (the subscription's other tasks still come in); beyond
+        that they count as work in hand, so one host does not hoard what other hosts could run."""
+        return sum(min(self.backlog.waiting_tasks[task], self.throttle.in_hand(task)) for task in self.throttled)
 
     def prune(self, now: float) -> None:
         """Forget ended ordering-key holds and stale attempt counts, every PRUNE_INTERVAL."""

@@ -22,27 +22,26 @@ from typing import Any
 from consumerd import __version__
 from consumerd.adapters.proctitle import set_title
 from consumerd.adapters.prometheus import Metrics, NullMetrics
-from consumerd.adapters.pubsub.client import connect
-from consumerd.adapters.pubsub.forwarder import Forwarded
-from consumerd.adapters.pubsub.puller import PullResult
 from consumerd.adapters.systemd import Notifier
 from consumerd.config import Settings
 from consumerd.control.commands import Steering
 from consumerd.errors import ExitCode
-from consumerd.ipc.inbox import Inbox
+from consumerd.ipc.held import InFlight
 from consumerd.ipc.records import Outcome
 from consumerd.logsetup import get_logger
-from consumerd.policy.backlog import Backlog
 from consumerd.pool.handles import EXIT_CAUSES, KillReason, PoolEvent, WorkerExited, WorkerResult, WorkerStarted
 from consumerd.pool.pool import ForkServerDied, fork_server_spec
+from consumerd.supervisor.codereload import CodeReload
 from consumerd.supervisor.components import Components
 from consumerd.supervisor.descriptors import check_concurrency, max_concurrency, raise_nofile
-from consumerd.supervisor.intake import STALL, Intake
-from consumerd.supervisor.reload import Reloader
+from consumerd.supervisor.intake import STALL
+from consumerd.supervisor.reload import Reloader, ReloadPlan
 from consumerd.supervisor.reporter import Reporter
 from consumerd.supervisor.safety import SafetyNet
 from consumerd.supervisor.settler import Counters, Settler
 from consumerd.supervisor.signals import SignalQueue
+from consumerd.supervisor.stream import Stream, Streams
+from consumerd.supervisor.throttle import Throttle
 
 STARTUP_TIMEOUT = 60.0  # seconds to start the workers before giving up
 QUICK_STOP_GRACE = 1.0  # SIGTERM -> SIGKILL grace for running tasks on a second stop signal
@@ -67,6 +66,7 @@ class Supervisor:
         config_path: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         components: Components | None = None,
+        watch_code: bool = False,  # `consumerd run --reload`: new workers when a task module's file changes
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -81,21 +81,18 @@ class Supervisor:
         self.signals = SignalQueue()
         self.reloader = Reloader(config_path)
         self.resources = contextlib.ExitStack()  # what start-up started, stopped in reverse by shutdown
-        self.backlog = Backlog(max_running_bytes=settings.flow.max_inflight_bytes)
-        self.counters = Counters()
-        self.inbox = Inbox()
-        self.pubsub = self.components.pubsub(settings)
-        self.io = self.components.io_threads(self.pubsub, settings, self.inbox)
-        forward = self.io.forwarder.forward if self.io.forwarder else None
-        self.metrics = Metrics(__version__, self.pubsub.rpcs.snapshot, EXIT_CAUSES) if settings.metrics.listen else NullMetrics()
-        self.settler = Settler.of(
-            settings, self.io.acker.ack, self.io.acker.modack, forward, self.backlog, self.counters, self.log, self.metrics
-        )
+        self.counters = Counters()  # the daemon's own (errors the safety net caught); each subscription counts its messages
+        self.metrics = Metrics(__version__, lambda: self.streams.rpc_counts(), EXIT_CAUSES) if settings.metrics.listen else NullMetrics()
+        self.safety = SafetyNet(self.settler_of, self.counters, self.log, clock, self.on_errors_exhausted)
+        throttle = Throttle(settings, self.metrics)  # the host's rate limits, every subscription's messages
+        streams = [
+            Stream(spec, self.components, self.metrics.for_subscription(spec.name), self.log, self.safety.caught, throttle)
+            for spec in settings.streams()
+        ]
+        self.streams = Streams(streams, settings, throttle, self.log, self.metrics)
         self.pool = self.components.pool(fork_server_spec(settings), settings.workers.concurrency, self.forget_fd)
-        self.safety = SafetyNet(self.settler, self.counters, self.log, clock, self.on_errors_exhausted)
-        self.intake = Intake(settings, self.settler, self.backlog, self.safety.caught)
-        self.reporter = Reporter(self.notifier, self.metrics, self.pool, self.backlog, self.settler, self.io.puller)
-        self.paused = False  # `consumerd pause`: no pulls; what is here runs on
+        self.code = CodeReload(self.pool, self.streams, self.metrics, self.selector, clock, self.log, self.reloaded, watch_code)
+        self.reporter = Reporter(self.notifier, self.metrics, self.pool, self.streams)
         self.steering = Steering(self, self.selector, clock, self.forget_fd, self.log)
         self.drain_deadline: float | None = None
         self.stop_deadline: float | None = None
@@ -104,7 +101,7 @@ class Supervisor:
     # == the table of contents =================================================================
     def run(self) -> ExitCode:
         try:
-            set_title(f"supervisor [{self.settings.pubsub.subscription}]")
+            set_title(f"supervisor [{', '.join(s.name for s in self.streams)}]")
             self.signals.install(self.selector)
             self.start_observability()
             self.start_pool()
@@ -121,7 +118,7 @@ class Supervisor:
 
     def tick(self) -> None:
         now = self.clock()
-        self.intake.ticked(now)
+        self.streams.ticked(now)
         self.handle_signals()
         self.collect_inbox(now)
         self.dispatch(now)
@@ -133,20 +130,18 @@ class Supervisor:
 
     def housekeeping(self, now: float) -> None:
         """The periodic checks, at most every HOUSEKEEPING_INTERVAL, not on every event."""
-        if now - self._next_housekeeping > STALL:  # the loop was frozen (SIGSTOP, a VM pause)
-            self.intake.drop_lapsed(now)  # before renewing: a renewal would make a lapsed lease look alive
+        stalled = now - self._next_housekeeping > STALL  # the loop was frozen (SIGSTOP, a VM pause)
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
         self.pool.kill_overdue(now)
         self.pool.escalate_kills(now)
-        self.settler.renew_leases(now)
-        self.intake.prune(now)
+        self.streams.housekeeping(now, stalled)
         self.reporter.housekeeping(now, self.state.value, self.concurrency)
         self.steering.drop_stale(now)
 
     # == start-up ==============================================================================
     def start_observability(self) -> None:
         """Metrics, probes and the control socket first: they answer while the rest starts."""
-        self.reporter.serve(self.settings.metrics.listen, self.resources, self.log)
+        self.reporter.serve(self.settings.metrics, self.streams.paths, self.resources, self.log)
         self.steering.listen(self.settings.control.socket_path(), self.settings.control.group, self.resources)
 
     def start_pool(self) -> None:
@@ -154,21 +149,17 @@ class Supervisor:
         check_concurrency(self.concurrency, nofile)
         self.max_concurrency = min(max_concurrency(nofile), 1024)
         self.resources.callback(self.pool.stop)
-        self.intake.set_tasks(self.pool.start())
-        self.settings.check_task_names(self.intake.task_names)
-        self.metrics.known_tasks(self.intake.task_names)
+        self.code.start(self.settings, self.resources)  # the fork server imports the task code: the tasks
         self.selector.register(self.pool.control_fd, selectors.EVENT_READ, self._on_control_readable)
         self.pool.spawn_missing()
-        self.log.info("workers.starting", concurrency=self.concurrency, tasks=sorted(self.intake.task_names), nofile=nofile)
+        self.log.info("workers.starting", concurrency=self.concurrency, tasks=sorted(self.streams.all[0].intake.task_names), nofile=nofile)
 
     def connect_pubsub(self) -> None:
-        """Check the subscription exists; retry while Pub/Sub is unreachable, up to startup_timeout."""
-        self.resources.callback(self.pubsub.close)
-        info = connect(self.pubsub, self.settings, self.clock, self.wait_or_stop, self.log)
-        if info is None:
-            return  # asked to stop while waiting
-        self.intake.subscribed(info.ack_deadline)
-        self.backlog.configure(ordered=info.ordering)
+        """Check every subscription exists; retry while Pub/Sub is unreachable, up to startup_timeout."""
+        for stream in self.streams:
+            self.resources.callback(stream.pubsub.close)
+            if not stream.connect(self.clock, self.wait_or_stop):
+                return  # asked to stop while waiting
 
     def await_workers(self) -> bool:
         """Run the loop until every worker started; False if a stop signal came first."""
@@ -190,17 +181,18 @@ class Supervisor:
         return self.signals.stop_requested()
 
     def start_io_threads(self) -> None:
-        self.selector.register(self.inbox.fd, selectors.EVENT_READ, lambda: None)  # read in collect_inbox
-        self.io.start(self.resources, lambda: self.settings.shutdown.flush_timeout, self.log)
+        self.streams.throttle.start(self.selector, self.resources)
+        for stream in self.streams:
+            stream.start_io(self.selector, self.resources, lambda: self.settings.shutdown.flush_timeout)
 
     def notify_ready(self) -> None:
         self.state = State.RUNNING
-        self.intake.ticked(self.clock())
-        self.reporter.announce_ready(self.clock(), self.paused, self.pubsub.subscription, self.concurrency, self.log)
+        self.streams.ticked(self.clock())
+        self.reporter.announce_ready(self.clock(), self.streams.paused(), self.streams.paths, self.concurrency, self.log)
 
     # == the loop ==============================================================================
     def wait_for_events(self, timeout: float | None = None) -> None:
-        self.reporter.tick(self.clock(), self.state.value, self.paused)
+        self.reporter.tick(self.clock(), self.state.value, self.streams.paused())
         if timeout is None:
             timeout = max(0.0, self.next_wakeup() - self.clock())
         for key, _ in self.selector.select(timeout):
@@ -211,8 +203,8 @@ class Supervisor:
         now = self.clock()
         # Something is due soon (a lease, a timeout, a kill, the watchdog): look again at the next
         # housekeeping time; otherwise sleep until an event or MAX_SLEEP.
-        candidates = [self.settler.next_renewal(), self.pool.next_deadline(), self.intake.next_batch_due()]
-        candidates += [self.notifier.watchdog_due(now), self.drain_deadline, self.stop_deadline]
+        candidates = [*self.streams.next_due(now), self.pool.next_deadline(), self.notifier.watchdog_due(now)]
+        candidates += [self.drain_deadline, self.stop_deadline]
         due = min((c for c in candidates if c is not None), default=now + MAX_SLEEP)
         return min(max(due, self._next_housekeeping), now + MAX_SLEEP)
 
@@ -242,15 +234,20 @@ class Supervisor:
                     self.on_result(event, now)
             elif isinstance(event, WorkerExited):
                 with self.safety.guard("worker.exited", event.held):
-                    self.intake.requeue(event.unstarted, self.state is State.RUNNING)
-                    self.settler.worker_exited(event, now)
+                    self.streams.worker_exited(event, now, self.state is State.RUNNING)
                     if event.start_hook_failed:
                         self.fail("a worker's on_worker_start hook failed (worker.start_hook_failed)", ExitCode.CONFIG)
+            elif self.state is State.RUNNING:  # new task code loaded (or failed to), or an old generation ended
+                self.code.on_generation(event, now)
 
     def on_result(self, event: WorkerResult, now: float) -> None:
-        self.intake.task_ran(event.ran_for)
-        self.settler.finished(event.inflight, event.result, now)
+        stream = self.streams.of(event.inflight)
+        stream.intake.task_ran(event.ran_for)
+        stream.settler.finished(event.inflight, event.result, now)
         self.pool.retire_surplus()
+
+    def settler_of(self, inflight: InFlight) -> Settler:
+        return self.streams.of(inflight).settler
 
     def on_errors_exhausted(self, reason: str) -> None:
         if self.exit_code is ExitCode.OK:
@@ -273,21 +270,21 @@ class Supervisor:
     handle_int = handle_term
 
     def handle_hup(self) -> None:
-        """Reload: re-read the config, apply what can change at run time, refuse the rest."""
-        if self.state is not State.RUNNING or not self.reloader.enabled:
-            return
-        self.notifier.reloading()
-        merged = self.reloader.reload(self.settings, self.max_concurrency, self.log)
-        if merged is not None:
-            self.apply_settings(merged)
+        """Reload: re-read the config, apply what can change at run time, refuse the rest; changed task code first loads in new workers."""
+        if self.state is State.RUNNING and self.reloader.enabled:
+            self.notifier.reloading()
+            self.code.reload(self.reloader.reload(self.settings, self.max_concurrency, self.log), self.clock())
+
+    def reloaded(self, plan: ReloadPlan | None) -> None:
+        """A reload is over (now, or once its new code is ready): run with its settings (None: rejected)."""
+        if plan is not None:
+            self.apply_settings(self.reloader.finish(plan, self.log))
         self.notifier.ready(self.reporter.status_text(self.state.value))
 
     def apply_settings(self, settings: Settings) -> None:
         """Run with ``settings`` from now on; running tasks keep the timeout they started with."""
         self.settings = settings
-        self.intake.apply(settings)
-        self.settler.apply(settings)
-        self.backlog.configure(max_running_bytes=settings.flow.max_inflight_bytes)
+        self.streams.apply(settings)
         self.resize(settings.workers.concurrency)
 
     def handle_ttin(self) -> None:
@@ -303,14 +300,23 @@ class Supervisor:
 
     # == what the control socket may ask (control.commands.Steerable) ===========================
     def status(self) -> dict[str, Any]:
-        return self.reporter.status(self.clock(), self.state.value, self.concurrency, self.paused)
+        return self.reporter.status(self.clock(), self.state.value, self.concurrency, self.streams.paused())
 
-    def set_paused(self, paused: bool) -> None:
-        self.paused = paused
-        self.log.info("daemon.paused" if paused else "daemon.resumed", running=self.pool.busy_count(), queued=len(self.backlog))
+    def set_paused(self, paused: bool, subscription: str = "") -> None:
+        """Pull no more (or again): every subscription, or the one named (LookupError if none is)."""
+        for stream in self.streams.chosen(subscription):
+            stream.paused = paused
+            stream.log.info("daemon.paused" if paused else "daemon.resumed", running=stream.running(), queued=len(stream.backlog))
 
-    def drain(self) -> None:
-        self.signals.record(signal.SIGTERM)  # exactly what SIGTERM does, on the next tick
+    def drain(self, subscription: str = "") -> None:
+        """What SIGTERM does, on the next tick; of one subscription: it pulls no more, for good."""
+        if not subscription:
+            self.signals.record(signal.SIGTERM)
+            return
+        for stream in self.streams.chosen(subscription):
+            stream.log.info("drain.subscription", given_back=stream.stop_pulling(), running=stream.running())
+        if not any(stream.pulling for stream in self.streams):
+            self.signals.record(signal.SIGTERM)  # the last one: the daemon drains
 
     def resize(self, concurrency: int) -> None:
         self.concurrency = concurrency
@@ -318,38 +324,27 @@ class Supervisor:
 
     # == messages in ===========================================================================
     def collect_inbox(self, now: float) -> None:
-        for item in self.inbox.take_all():
-            if isinstance(item, PullResult):
-                running = self.state is State.RUNNING and not self.paused
-                self.intake.pulled(item.asked, item.received, now, running, item.sent_at)
-            elif isinstance(item, Forwarded):
-                self.settler.on_forwarded(item, now)
+        self.streams.collect(now, self.state is State.RUNNING)
 
     def dispatch(self, now: float) -> None:
-        if self.state is State.RUNNING and self.backlog:
-            self.intake.dispatch(self.pool, now)
+        if self.state is State.RUNNING:
+            self.streams.dispatch(self.pool, now)
 
     def refill(self, now: float) -> None:
-        if self.state is not State.RUNNING or self.paused:
-            return
-        self.pool.spawn_missing()
-        n = self.intake.next_pull(self.concurrency, self.pool.busy_count(), now)
-        if n:
-            self.io.puller.request(n)
+        if self.state is State.RUNNING:
+            self.pool.spawn_missing()
+            self.streams.refill(self.concurrency, now)
 
     # == stopping ==============================================================================
     def begin_drain(self) -> None:
         now = self.clock()
         self.state = State.DRAINING
-        self.io.puller.stop()
-        unstarted = self.backlog.take_all()
-        for inflight in unstarted:
-            self.settler.give_back(inflight)
+        given_back = self.streams.stop_pulling()
         drain, shutdown = self.settings.shutdown.drain_timeout, self.settings.shutdown
         self.drain_deadline = now + drain
         self.notifier.stopping(self.reporter.status_text(self.state.value))
         self.notifier.extend_timeout(drain + shutdown.kill_grace + shutdown.flush_timeout)
-        self.log.info("drain.started", running=self.pool.busy_count(), given_back=len(unstarted), drain_timeout=drain)
+        self.log.info("drain.started", running=self.pool.busy_count(), given_back=given_back, drain_timeout=drain)
 
     def stop_running_tasks(self, reason: KillReason, grace: float) -> None:
         now = self.clock()
@@ -359,7 +354,7 @@ class Supervisor:
         self.pool.kill_busy(reason, now, grace)
 
     def advance_shutdown(self, now: float) -> None:
-        if self.state is State.DRAINING and not self.pool.busy_count() and not self.settler.dead_lettering():
+        if self.state is State.DRAINING and not self.pool.busy_count() and not self.streams.publishing():
             self.state = State.STOPPED
         elif self.state is State.DRAINING and self.drain_deadline is not None and now >= self.drain_deadline:
             self.log.warning("drain.timeout", running=self.pool.busy_count())
@@ -372,9 +367,7 @@ class Supervisor:
         self.log.error("daemon.fatal", error=reason, exit_code=int(exit_code))
         self.exit_code = exit_code
         if self.state in (State.RUNNING, State.DRAINING):
-            self.io.puller.stop()
-            for inflight in self.backlog.take_all():
-                self.settler.give_back(inflight)
+            self.streams.stop_pulling()
         self.stop_running_tasks(KillReason.FATAL, QUICK_STOP_GRACE)
 
     def shutdown(self) -> None:
@@ -382,16 +375,17 @@ class Supervisor:
         now = self.clock()
         with self.safety.guard("shutdown"):
             for inflight in self.pool.running():
-                self.settler.settle(inflight, Outcome.SHUTDOWN, now, error="daemon stopped before the task ended")
-            for inflight in [*self.pool.queued(), *self.backlog.take_all(), *self.settler.take_forwarding()]:
-                self.settler.give_back(inflight)
+                self.settler_of(inflight).settle(inflight, Outcome.SHUTDOWN, now, error="daemon stopped before the task ended")
+            for inflight in self.pool.queued():
+                self.settler_of(inflight).give_back(inflight)
+            self.streams.give_back_held()
         self.resources.close()
         self.state = State.STOPPED
         self.notifier.status("stopped")
         self.log.info(
             "daemon.stopped",
-            **dataclasses.asdict(self.counters),
-            rpcs=self.pubsub.rpcs.counts,
+            **dataclasses.asdict(self.streams.total(self.counters)),
+            rpcs=self.streams.rpc_counts()[0],
             notify_dropped=self.notifier.dropped,
             exit_code=int(self.exit_code),
         )

@@ -36,14 +36,14 @@ class ErrorBudget:
 class SafetyNet:
     def __init__(
         self,
-        settler: Settler,
+        settler_of: Callable[[InFlight], Settler],
         counters: Counters,
         log: BoundLogger,
         clock: Callable[[], float],
         on_exhausted: Callable[[str], None],
         budget: ErrorBudget | None = None,
     ) -> None:
-        self.settler = settler
+        self.settler_of = settler_of  # the settler of the message's own subscription
         self.counters = counters
         self.log = log
         self.clock = clock
@@ -67,7 +67,7 @@ class SafetyNet:
         self.log.error("daemon.error", during=during, message_id=message_id, error=f"{type(exc).__name__}: {exc}"[:500], exc_info=exc)
         for inflight in messages:
             try:
-                self.settler.abandon(inflight, now)
+                self.settler_of(inflight).abandon(inflight, now)
             except Exception as again:  # noqa: BLE001 - its lease runs out: Pub/Sub redelivers it
                 self.log.error("daemon.error", during="abandon", message_id=inflight.message.message_id, error=repr(again)[:500])
         if self.budget.spend(now):

@@ -20,8 +20,10 @@ from structlog.stdlib import BoundLogger
 
 from consumerd.adapters.prometheus import MetricsSink, NullMetrics
 from consumerd.adapters.pubsub.forwarder import DeadLetter, Forwarded
+from consumerd.adapters.pubsub.publisher import OutputsPublished
 from consumerd.config import Settings
 from consumerd.ipc.held import InFlight
+from consumerd.ipc.outputs import PublishRules
 from consumerd.ipc.records import Outcome, Result, TaskOptions
 from consumerd.policy import deadletter, delivery
 from consumerd.policy.admission import AttemptCounter
@@ -29,7 +31,9 @@ from consumerd.policy.backlog import Backlog
 from consumerd.policy.delivery import Action, RetryPolicy
 from consumerd.policy.histogram import Histogram
 from consumerd.policy.leases import LeaseSchedule
-from consumerd.pool.pool import WorkerExited
+from consumerd.pool.handles import Lost
+from consumerd.supervisor.components import IoThreads
+from consumerd.supervisor.outputs import OutputRelay
 
 NO_OPTIONS = TaskOptions()
 ADAPTIVE_MIN_SAMPLES = 10  # finished tasks before the lease length follows their durations
@@ -71,6 +75,7 @@ class Settler:
         modack: Callable[[Sequence[str], int], None],
         forward: Callable[[DeadLetter], None] | None,
         *,
+        relay: OutputRelay | None = None,
         policy: SettlePolicy,
         leases: LeaseSchedule,
         backlog: Backlog,
@@ -93,25 +98,20 @@ class Settler:
         self.metrics = metrics if metrics is not None else NullMetrics()
         self.task_options: dict[str, TaskOptions] = {}  # per-task overrides of the policy (@task options)
         self.forwarding: dict[str, InFlight] = {}  # ack id -> message being copied to the dead-letter topic
+        self.relay = relay if relay is not None else OutputRelay(None, PublishRules(), backlog)  # outputs being published
 
     @classmethod
-    def of(
-        cls,
-        settings: Settings,
-        ack: Callable[[Sequence[str]], None],
-        modack: Callable[[Sequence[str], int], None],
-        forward: Callable[[DeadLetter], None] | None,
-        backlog: Backlog,
-        counters: Counters,
-        log: BoundLogger,
-        metrics: MetricsSink | None = None,
-    ) -> Settler:
-        """A settler for ``settings``: fresh leases, duration histogram and attempt counter."""
+    def of(cls, settings: Settings, io: IoThreads, backlog: Backlog, counters: Counters, log: BoundLogger, metrics: MetricsSink) -> Settler:
+        """A settler for ``settings`` that acks, renews and publishes through ``io``: fresh leases,
+        duration histogram and attempt counter."""
         leases = settings.leases
+        forward = io.forwarder.forward if io.forwarder else None
+        publish = io.publisher.send if io.publisher else None
         return cls(
-            ack,
-            modack,
+            io.acker.ack,
+            io.acker.modack,
             forward,
+            relay=OutputRelay(publish, PublishRules.of(settings), backlog),
             policy=SettlePolicy.of(settings),
             leases=LeaseSchedule(leases.ack_deadline),
             backlog=backlog,
@@ -145,12 +145,17 @@ class Settler:
         return self.leases.next_due()
 
     def dead_lettering(self) -> int:
-        """Messages whose dead-letter copy is being published: they still hold leases."""
         return len(self.forwarding)
 
-    def take_forwarding(self) -> list[InFlight]:
-        """At shutdown: the messages still being dead-lettered, no longer tracked here."""
-        taken = list(self.forwarding.values())
+    def publishing(self) -> int:
+        """Messages whose dead-letter copy, or whose task's outputs, are being published: they
+        still hold leases."""
+        return len(self.forwarding) + len(self.relay)
+
+    def take_publishing(self) -> list[InFlight]:
+        """At shutdown: the messages still being dead-lettered or waiting for their outputs, no
+        longer tracked here."""
+        taken = [*self.forwarding.values(), *self.relay.take_all()]
         self.forwarding.clear()
         return taken
 
@@ -223,32 +228,43 @@ class Settler:
             log("message.failed", **fields, error=error, retry_in_s=decision.delay)
 
     def finished(self, inflight: InFlight, result: Result, now: float) -> None:
-        """A worker reported how the task ended."""
+        """A worker reported how the task ended. A success with outputs is acked once they are published."""
         self.backlog.finished(inflight)
         self.durations.add(result.duration)
         self.metrics.ran(inflight.task, result.duration)
+        if result.outcome is Outcome.SUCCESS and result.outputs:
+            if refusal := self.relay.relay(inflight, result):
+                self.settle(inflight, Outcome.ERROR, now, result.duration, refusal)
+            return
         self.settle(inflight, result.outcome, now, result.duration, result.error, result.retry_after)
 
-    def worker_exited(self, event: WorkerExited, now: float) -> None:
-        """A worker died or retired; the messages it ran did not succeed. (Those queued behind them
-        never started: the caller puts them back in line, `Intake.requeue`.)"""
-        crashed = bool(event.lost) or event.exit_code != 0
-        (self.log.warning if crashed else self.log.debug)(
-            "worker.exited",
-            worker_pid=event.worker.pid,
-            reason=event.reason,
-            kill_reason=event.kill_reason.value if event.kill_reason else None,
-            exit_code=event.exit_code,
-            tasks_done=event.worker.tasks_done,
-            lost=len(event.lost),
-            requeued=len(event.unstarted),
-        )
-        self.metrics.worker_exited(event.cause)
-        for lost in event.lost:
-            self.metrics.ran(lost.inflight.task, lost.ran_for)
-            self.backlog.finished(lost.inflight)
-            error = event.reason if lost.outcome is not Outcome.INTERRUPTED else f"its worker was stopped: {event.reason}"
-            self.settle(lost.inflight, lost.outcome, now, lost.ran_for, error)
+    def on_io(self, item: Forwarded | OutputsPublished, now: float) -> None:
+        """A publisher thread's report: a dead-letter copy, or a task's outputs."""
+        if isinstance(item, Forwarded):
+            self.on_forwarded(item, now)
+            return
+        entry = self.relay.settled(item)
+        if entry is None:
+            return
+        inflight, duration = entry.inflight, entry.result.duration
+        fields = dict(message_id=inflight.message.message_id, task=inflight.task, published=item.published)
+        if item.ok:
+            self.metrics.outputs_published(inflight.task, item.published)
+            self.log.info("outputs.published", **fields)
+            self.settle(inflight, Outcome.SUCCESS, now, duration)
+        else:
+            self.metrics.outputs_failed(inflight.task)
+            self.log.error("outputs.publish_failed", **fields, outputs=len(entry.result.outputs), error=item.detail)
+            self.settle(inflight, Outcome.ERROR, now, duration, f"publishing its outputs failed: {item.detail}")
+
+    def lost(self, lost: list[Lost], reason: str, now: float) -> None:
+        """Messages that were running when their worker died or retired: they did not succeed.
+        (Those queued behind them never started: the caller puts them back in line, `Intake.requeue`.)"""
+        for item in lost:
+            self.metrics.ran(item.inflight.task, item.ran_for)
+            self.backlog.finished(item.inflight)
+            error = reason if item.outcome is not Outcome.INTERRUPTED else f"its worker was stopped: {reason}"
+            self.settle(item.inflight, item.outcome, now, item.ran_for, error)
 
     def retry_later(self, inflight: InFlight, delay: int, now: float) -> None:
         """Set the lease to ``delay``: Pub/Sub hands the message out again once it ends. With
@@ -327,6 +343,7 @@ class Settler:
     def abandon(self, inflight: InFlight, now: float) -> None:
         """The safety net: handling this message raised. Give it back with its retry delay, once."""
         self.forwarding.pop(inflight.ack_id, None)
+        self.relay.drop(inflight.ack_id)
         if self.holds(inflight):
             self.retry_later(inflight, self.retry_of(inflight.task).delay(inflight.attempt), now)
             self.counters.failed += 1

@@ -15,8 +15,9 @@ from consumerd.adapters.linux import kill_group
 from consumerd.errors import ExitCode, TaskCancelled, WorkerProtocolError
 from consumerd.ipc.framing import encode_units, result_reader
 from consumerd.ipc.records import BatchJob, Outcome, Result, Unit
-from consumerd.pool.handles import timeout_detail
-from consumerd.pool.pool import KILL_GRACE, describe_status
+from consumerd.pool.handles import describe_status, timeout_detail
+from consumerd.pool.pool import KILL_GRACE
+from consumerd.worker import outputs
 from consumerd.worker.child import reset_process_state, serve
 from consumerd.worker.registry import Registry
 
@@ -78,7 +79,7 @@ def _become_worker(sock: socket.socket, registry: Registry) -> None:
 def _collect(sock: socket.socket, results: dict[int, Result], wanted: int, limit: float | None) -> bool:
     """Read results until there are ``wanted``, the worker closed the channel, or the time is up
     (then True)."""
-    reader = result_reader()
+    reader = result_reader(outputs.rules())
     deadline = time.monotonic() + limit if limit else None
     while len(results) < wanted:
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())

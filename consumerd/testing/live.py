@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -276,12 +276,15 @@ def daemon_environment() -> dict[str, str]:
     return env
 
 
-def to_toml(settings: Mapping[str, Mapping[str, Any]]) -> str:
+def to_toml(settings: Mapping[str, Mapping[str, Any] | Sequence[Mapping[str, Any]]]) -> str:
+    """A config file's text: a section per mapping, an array of tables per list of them
+    ([[subscriptions]]); a mapping inside a section is an inline table."""
     out = []
     for section, values in settings.items():
-        out.append(f"[{section}]")
-        out.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
-        out.append("")
+        for table in [values] if isinstance(values, Mapping) else values:
+            out.append(f"[[{section}]]" if not isinstance(values, Mapping) else f"[{section}]")
+            out.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+            out.append("")
     return "\n".join(out)
 
 

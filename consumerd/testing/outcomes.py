@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from consumerd.ipc.outputs import SOURCE_ATTRIBUTE
 from consumerd.ipc.records import Outcome, Result, TaskOptions
 from consumerd.policy.delivery import Action, RetryPolicy, decide
 
 
 @dataclasses.dataclass(frozen=True)
 class Published:
-    """A message a task published (reserved: tasks cannot publish yet, so none is ever recorded)."""
+    """A message a task published (`consumerd.publish`), as the daemon would publish it once the
+    task succeeded: ``topic`` as the task named it (resolved where a project is known), the data
+    encoded, and the attributes with ``consumerd_source_message_id`` added."""
 
     topic: str
     data: bytes
@@ -47,7 +50,8 @@ def outcome_of(message_id: str, result: Result, attempt: int, options: TaskOptio
     )
     how, error = result.outcome.value, result.error or result.outcome.value
     if decision.action is Action.ACK:
-        return TaskOutcome(message_id, how, acked=True)
+        published = [Published(o.topic, o.data, {**o.attributes, SOURCE_ATTRIBUTE: message_id}, o.ordering_key) for o in result.outputs]
+        return TaskOutcome(message_id, how, acked=True, published=published)
     if decision.action is Action.DEAD_LETTER:
         return TaskOutcome(message_id, how, rejected=error)
     if result.outcome is Outcome.RETRY and result.retry_after is not None:

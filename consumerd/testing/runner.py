@@ -9,18 +9,20 @@ delivery policy then says what would happen to the message (`outcomes`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import setproctitle
 
 from consumerd.errors import TaskCancelled
-from consumerd.ipc.framing import job_reader, result_reader
+from consumerd.ipc.framing import encode_result, job_reader, result_reader
+from consumerd.ipc.outputs import PublishRules
 from consumerd.ipc.records import BatchJob, Job, Outcome, Result, Unit
 from consumerd.logsetup import get_logger
 from consumerd.message import Message
@@ -28,6 +30,7 @@ from consumerd.pool.handles import timeout_detail
 from consumerd.testing.forked import run_forked
 from consumerd.testing.messages import make_message
 from consumerd.testing.outcomes import TaskOutcome, outcome_of
+from consumerd.worker import outputs
 from consumerd.worker.child import run_batch, run_job
 from consumerd.worker.coroutines import AsyncRunner, raise_cancelled
 from consumerd.worker.registry import REGISTRY, Registry, TaskFunc, TaskSpec
@@ -42,6 +45,7 @@ def run_task(
     isolated: bool = False,
     timeout: float | None = None,
     registry: Registry | None = None,
+    publish_topics: Sequence[str] | None = None,
     **message_fields: Any,
 ) -> TaskOutcome | list[TaskOutcome]:
     """Run ``task`` (a registered name, or a function, registered or not) on one message and say
@@ -52,23 +56,29 @@ def run_task(
     the task with `TaskCancelled` inside it, an async one with a cancellation, as the daemon does.
     ``isolated=True`` runs it in a forked worker process: a crash, ``os._exit`` or a signal is then
     the task's outcome (``crash``), not the end of the test run, and the worker hooks run there.
-    In this process, tasks run in the main thread (a timeout is a signal) and no hook runs.
+    In this process, tasks run in the main thread (a timeout is a signal); the task hooks
+    (`on_task_failure`, `on_task_success`) run, the worker hooks (`on_worker_start`/`stop`) do not.
+    What the task published is on each outcome's ``published`` (a success only); a publish to a
+    topic outside ``publish_topics`` fails the task, as `[publish] topics` does in the daemon
+    (default: any topic is accepted).
     """
     registry, spec = _resolve(task, registry or REGISTRY)
     batch = spec.options.batch_size is not None
     items = list(message_or_data) if batch and isinstance(message_or_data, list | tuple) else [message_or_data]
     messages = [m if isinstance(m, Message) else make_message(m, **message_fields) for m in items]
     limit = timeout if timeout is not None else spec.options.timeout
-    jobs = tuple(Job(next(_seqs), spec.name, m, limit or 0.0) for m in messages)
+    jobs = tuple(Job(next(_seqs), spec.name, m, limit or 0.0, m.delivery_attempt or 1) for m in messages)
     unit: Unit = BatchJob(spec.name, jobs, limit or 0.0) if batch else jobs[0]
     if not isolated and (spec.options.is_async or limit) and threading.current_thread() is not threading.main_thread():
         raise RuntimeError(f"run_task({spec.name!r}): an async task or a timeout needs the main thread here (signals); use isolated=True")
-    if isolated:
-        results = run_forked(unit, registry, limit)
-    elif spec.options.is_async:
-        results = _run_async(unit, registry)
-    else:
-        results = _run_sync(unit, registry, limit)
+    rules = PublishRules(None if publish_topics is None else frozenset(publish_topics))
+    with _publishing(rules):
+        if isolated:
+            results = run_forked(unit, registry, limit)
+        elif spec.options.is_async:
+            results = _run_async(unit, registry)
+        else:
+            results = _run_sync(unit, registry, limit)
     by_seq = {r.seq: r for r in results}
     lost = Result(0, Outcome.CRASH, 0.0, "the worker sent no result")  # as the supervisor settles a silent worker
     outcomes = [outcome_of(j.message.message_id, by_seq.get(j.seq, lost), j.message.delivery_attempt or 1, spec.options) for j in jobs]
@@ -92,9 +102,22 @@ def _resolve(task: str | TaskFunc, registry: Registry) -> tuple[Registry, TaskSp
     return own, spec
 
 
+@contextlib.contextmanager
+def _publishing(rules: PublishRules) -> Iterator[None]:
+    """What `consumerd.publish` may do while the task runs (in a forked worker too: it inherits it)."""
+    previous = outputs.rules()
+    outputs.configure(rules)
+    try:
+        yield
+    finally:
+        outputs.configure(previous)
+
+
 def _checked(results: Sequence[Result]) -> list[Result]:
-    """Through the encoding and validation a result gets on its way to the supervisor."""
-    return [Result.decode(r.encode()) for r in results]
+    """Through the encoding and validation a result (and its outputs) gets on its way to the supervisor."""
+    reader = result_reader(outputs.rules())
+    reader.feed(b"".join(encode_result(r) for r in results))
+    return reader.take()
 
 
 def _run_sync(unit: Unit, registry: Registry, limit: float | None) -> list[Result]:
@@ -142,7 +165,7 @@ def _run_async(unit: Unit, registry: Registry) -> list[Result]:
         drain.join()
         theirs.close()
         ours.close()
-    reader = result_reader()
+    reader = result_reader(outputs.rules())
     reader.feed(bytes(received))
     return reader.take()
 

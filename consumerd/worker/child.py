@@ -26,11 +26,13 @@ from consumerd.adapters.linux import children_of
 from consumerd.adapters.proctitle import set_title, worker_title
 from consumerd.errors import ExitCode, TaskCancelled
 from consumerd.ipc.framing import encode_result, job_reader, recv_frame
-from consumerd.ipc.records import BatchJob, Job, Outcome, Result, Unit
+from consumerd.ipc.records import BatchJob, Job, MemoryLimits, Outcome, Result, Unit
 from consumerd.logsetup import get_logger
 from consumerd.worker.batch import batch_results, describe, fate_of, merged, validate_batch
 from consumerd.worker.coroutines import AsyncRunner, raise_cancelled, send_all, valid_units
 from consumerd.worker.hooks import report, report_batch
+from consumerd.worker.memory import Watch, confine, out_of_memory, release
+from consumerd.worker.outputs import collecting
 from consumerd.worker.registry import Registry
 from consumerd.worker.tracing import task_span
 
@@ -46,13 +48,19 @@ def reset_process_state() -> None:
     random.seed()
 
 
-def serve(sock: socket.socket, registry: Registry, max_tasks: int, worker_id: int = 0) -> ExitCode:
-    """Run the start hooks, then jobs until the supervisor closes the channel or ``max_tasks`` were
-    run, then the stop hooks; return the exit code (CONFIG when a start hook failed)."""
+def serve(sock: socket.socket, registry: Registry, max_tasks: int, worker_id: int = 0, limits: MemoryLimits = MemoryLimits()) -> ExitCode:
+    """Set the worker's memory limits and OOM score, run the start hooks, then jobs until the
+    supervisor closes the channel or ``max_tasks`` were run, then the stop hooks; return the exit
+    code (CONFIG when a start hook failed, SOFTWARE when not even a result fitted in memory)."""
     log = get_logger("consumerd.worker")
+    confine(limits, log)
     if not run_hooks(registry.start_hooks, "start", log):
         return ExitCode.CONFIG
-    code = serve_jobs(sock, registry, max_tasks, worker_id, log)
+    try:
+        code = serve_jobs(sock, registry, max_tasks, worker_id, log, Watch(limits, log))
+    except MemoryError:
+        log.error("worker.out_of_memory", memory_limit=limits.hard_cap)  # its messages fail as a crash
+        return ExitCode.SOFTWARE
     run_hooks(registry.stop_hooks, "stop", log)
     return code
 
@@ -67,10 +75,10 @@ def run_hooks(hooks: list[Any], when: str, log: BoundLogger) -> bool:
     return True
 
 
-def serve_jobs(sock: socket.socket, registry: Registry, max_tasks: int, worker_id: int, log: BoundLogger) -> ExitCode:
+def serve_jobs(sock: socket.socket, registry: Registry, max_tasks: int, worker_id: int, log: BoundLogger, watch: Watch) -> ExitCode:
     reader = job_reader()
     pending: collections.deque[Unit] = collections.deque()
-    runner = AsyncRunner(sock, reader, registry, log, worker_id)
+    runner = AsyncRunner(sock, reader, registry, log, worker_id, watch)
     done = 0
     while max_tasks == 0 or done < max_tasks:
         if not pending:
@@ -87,17 +95,20 @@ def serve_jobs(sock: socket.socket, registry: Registry, max_tasks: int, worker_i
                 return ExitCode.OK
             continue
         unit = pending.popleft()
-        run_sync(unit, sock, registry, log, worker_id)
+        run_sync(unit, sock, registry, log, worker_id, watch)
         done += 1
     return ExitCode.OK
 
 
-def run_sync(unit: Unit, sock: socket.socket, registry: Registry, log: BoundLogger, worker_id: int) -> None:
+def run_sync(unit: Unit, sock: socket.socket, registry: Registry, log: BoundLogger, worker_id: int, watch: Watch) -> None:
     first = unit.jobs[0] if isinstance(unit, BatchJob) else unit
     set_title(worker_title(worker_id, unit.task, first.message.message_id))
-    results = run_batch(unit, registry, log) if isinstance(unit, BatchJob) else [run_job(unit, registry, log)]
+    try:
+        results = run_batch(unit, registry, log) if isinstance(unit, BatchJob) else [run_job(unit, registry, log)]
+    except MemoryError:  # reporting the task's failure ran out of memory too (the task's own MemoryError is a result)
+        results = out_of_memory(unit)
     sweep_children(log, first)  # before the result: the supervisor may close us right after it
-    send_all(sock, b"".join(encode_result(r) for r in results))
+    send_all(sock, b"".join(encode_result(r) for r in watch.after(results)))
     set_title(worker_title(worker_id))
 
 
@@ -131,7 +142,7 @@ def run_job(job: Job, registry: Registry, log: BoundLogger) -> Result:
         return Result(job.seq, Outcome.UNKNOWN_TASK, 0.0, f"unknown task {job.task!r}")
     started = time.monotonic()
     try:
-        with task_span(job.message, job.task):
+        with task_span(job.message, job.task), collecting(job.seq) as outputs:
             returned = spec.call(job.message)
     except TaskCancelled:
         raise  # the supervisor ended it: no result; its kill reason says what happened
@@ -139,13 +150,14 @@ def run_job(job: Job, registry: Registry, log: BoundLogger) -> Result:
         result = failed(job, exc, time.monotonic() - started, log)
         report(result, job, exc, None, registry.task_hooks(), spec.options.max_attempts, log)
         return result
-    result = Result(job.seq, Outcome.SUCCESS, time.monotonic() - started)
+    result = Result(job.seq, Outcome.SUCCESS, time.monotonic() - started, outputs=tuple(outputs.items))
     report(result, job, None, returned, registry.task_hooks(), spec.options.max_attempts, log)
     return result
 
 
 def failed(job: Job, exc: BaseException, duration: float, log: BoundLogger) -> Result:
     """The result of a task that raised ``exc`` (Retry, Reject, or any failure)."""
+    release(exc)
     fate = fate_of(exc)
     if fate.outcome is Outcome.ERROR:
         log.warning(
@@ -170,7 +182,7 @@ def run_batch(batch: BatchJob, registry: Registry, log: BoundLogger) -> list[Res
     results: list[Result] = []
     if members is not None:
         try:
-            with task_span(members.jobs[0].message, batch.task, batch=True):
+            with task_span(members.jobs[0].message, batch.task, batch=True), collecting(batch.seq, batch=True):
                 returned = spec.signature.call_batch(spec.func, [j.message for j in members.jobs], values)
         except TaskCancelled:
             raise

@@ -24,20 +24,31 @@ from structlog.stdlib import BoundLogger
 from consumerd.adapters.proctitle import set_title, worker_title
 from consumerd.errors import TaskCancelled
 from consumerd.ipc.framing import FrameReader, encode_result
-from consumerd.ipc.records import BatchJob, Job, Outcome, Result, Unit
+from consumerd.ipc.records import BatchJob, Job, MemoryLimits, Outcome, Result, Unit
 from consumerd.worker.batch import batch_results, fate_of, merged, validate_batch
 from consumerd.worker.hooks import report, report_batch
+from consumerd.worker.memory import Watch, out_of_memory, release
+from consumerd.worker.outputs import collecting
 from consumerd.worker.registry import Registry, TaskSpec
 from consumerd.worker.tracing import task_span
 
 
 class AsyncRunner:
-    def __init__(self, sock: socket.socket, reader: FrameReader[Any], registry: Registry, log: BoundLogger, worker_id: int) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        reader: FrameReader[Any],
+        registry: Registry,
+        log: BoundLogger,
+        worker_id: int,
+        watch: Watch | None = None,
+    ) -> None:
         self.sock = sock
         self.reader = reader
         self.registry = registry
         self.log = log
         self.worker_id = worker_id
+        self.watch = watch or Watch(MemoryLimits(), log)  # flags the result after which the worker retires
         self.closed = False  # the supervisor closed the channel
         self._runner: asyncio.Runner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -115,13 +126,14 @@ class AsyncRunner:
             task.cancel()
 
     async def _run_unit(self, unit: Unit) -> None:
-        if isinstance(unit, BatchJob):
-            results = await self._run_batch(unit)
-        else:
-            results = [await self._run_job(unit)]
+        try:
+            results = await self._run_batch(unit) if isinstance(unit, BatchJob) else [await self._run_job(unit)]
+        except MemoryError:  # reporting the task's failure ran out of memory too
+            results = out_of_memory(unit)
         if self._terminating:
             return  # no result: the supervisor ended it and decides what it means
-        send_all(self.sock, b"".join(encode_result(r) for r in results))
+        # Past its memory limits the worker takes no new coroutine; the running ones finish first.
+        send_all(self.sock, b"".join(encode_result(r) for r in self.watch.after(results)))
 
     async def _run_job(self, job: Job) -> Result:
         spec = self.registry.get(job.task)
@@ -136,7 +148,7 @@ class AsyncRunner:
         deadline = asyncio.timeout(job.timeout or None)
         try:
             async with deadline:
-                with task_span(job.message, job.task):
+                with task_span(job.message, job.task), collecting(job.seq) as outputs:
                     returned = await spec.call(job.message)  # type: ignore[misc]
         except TimeoutError as exc:
             if deadline.expired():
@@ -150,7 +162,7 @@ class AsyncRunner:
             return self._failed(job, cancelled, started), cancelled, None
         except BaseException as exc:  # noqa: BLE001 - whatever a task raises fails only its message
             return self._failed(job, exc, started), exc, None
-        return Result(job.seq, Outcome.SUCCESS, time.monotonic() - started), None, returned
+        return Result(job.seq, Outcome.SUCCESS, time.monotonic() - started, outputs=tuple(outputs.items)), None, returned
 
     async def _run_batch(self, batch: BatchJob) -> list[Result]:
         spec = self.registry.get(batch.task)
@@ -171,7 +183,8 @@ class AsyncRunner:
         deadline = asyncio.timeout(batch.timeout or None)
         try:
             async with deadline:
-                returned = await spec.signature.call_batch(spec.func, [j.message for j in batch.jobs], values)  # type: ignore[misc]
+                with collecting(batch.seq, batch=True):
+                    returned = await spec.signature.call_batch(spec.func, [j.message for j in batch.jobs], values)  # type: ignore[misc]
         except TimeoutError as exc:
             if deadline.expired():
                 error = f"TaskTimeout: cancelled after {batch.timeout:g}s"
@@ -188,6 +201,7 @@ class AsyncRunner:
 
     def _failed(self, job: Job, exc: BaseException, started: float) -> Result:
         duration = time.monotonic() - started
+        release(exc)
         fate = fate_of(exc)
         if fate.outcome is Outcome.ERROR:
             self.log.warning(

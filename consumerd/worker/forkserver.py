@@ -7,7 +7,7 @@ grpc itself unless a task module does. Forking a worker from it is cheap: the ta
 
 Control protocol on a SOCK_SEQPACKET socket, one JSON packet each (`records.ControlPacket`):
   supervisor -> here: Spawn(worker_id)
-  here -> supervisor: Ready(tasks) | PreloadFailed(error)
+  here -> supervisor: Ready(tasks, files) | PreloadFailed(error, traceback)
                       Spawned(worker_id, pid) with the worker's channel fd attached
                       Exited(pid, wait_status)
 When the supervisor's end closes (it exited or was killed), every worker's process group is killed
@@ -18,6 +18,7 @@ worker is killed and reaped within SWEEP_INTERVAL.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pickle
 import selectors
@@ -35,15 +36,14 @@ from consumerd.ipc.records import (
     MAX_PACKET,
     Exited,
     ForkServerSpec,
-    PreloadFailed,
-    Ready,
     Spawn,
     Spawned,
     decode_control,
 )
 from consumerd.logsetup import configure_logging, get_logger
-from consumerd.worker import tracing
+from consumerd.worker import outputs, tracing
 from consumerd.worker.child import reset_process_state, serve  # imported here once, not in every forked child
+from consumerd.worker.codefiles import loaded_files, preload_failed, ready_packet
 
 SWEEP_INTERVAL = 0.25  # seconds between looks for escaped grandchildren reparented here
 
@@ -82,14 +82,28 @@ class ForkServer:
         from consumerd.worker.registry import load_task_modules
 
         sys.path[:] = list(self.spec.sys_path)
+        before = set(sys.modules)
         try:
             self.registry = load_task_modules(self.spec.modules)
         except ConfigError as exc:
-            send_packet(self.control, PreloadFailed(str(exc)))
+            send_packet(self.control, preload_failed(exc))
             return False
         tracing.configure(self.spec.tracing, self.log)
-        send_packet(self.control, Ready(tuple((spec.name, spec.options) for spec in self.registry.specs())))
+        outputs.configure(self.spec.publish)
+        tasks = tuple((spec.name, spec.options) for spec in self.registry.specs())
+        ready, left_out = ready_packet(tasks, loaded_files(before, self.task_modules()))
+        if left_out:
+            self.log.warning(
+                "code.files_not_watched", listed=len(ready.files), left_out=left_out, detail="a reload compares the listed files only"
+            )
+        send_packet(self.control, ready)
         return True
+
+    def task_modules(self) -> list[str]:
+        """The configured modules and those the entry points name: their packages' files are the task code."""
+        from consumerd.worker.registry import ENTRY_POINT_GROUP
+
+        return [*self.spec.modules, *(ep.value.split(":")[0] for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))]
 
     def hide_credentials(self) -> None:
         if not self.spec.hidden_paths:
@@ -153,7 +167,7 @@ class ForkServer:
             self.close_inherited()
             reset_process_state()
             set_title(worker_title(worker_id))
-            code = serve(sock, self.registry, self.spec.max_tasks_per_child, worker_id)  # type: ignore[arg-type]
+            code = serve(sock, self.registry, self.spec.max_tasks_per_child, worker_id, self.spec.memory)  # type: ignore[arg-type]
             tracing.flush()
         except TaskCancelled:
             code = ExitCode.TERMINATED

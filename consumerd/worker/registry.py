@@ -12,6 +12,7 @@ from typing import Any
 from consumerd.errors import RegistryError
 from consumerd.ipc.records import TaskOptions
 from consumerd.message import Message
+from consumerd.policy.ratelimit import Rate
 from consumerd.worker.hooks import FailureHook, SuccessHook
 from consumerd.worker.payloads import Signature, signature_of
 
@@ -96,13 +97,15 @@ def task(
     max_attempts: int | None = None,
     batch_size: int | None = None,
     batch_wait: float | None = None,
+    rate_limit: str | None = None,
 ) -> Callable[[TaskFunc], TaskFunc]:
     """Register ``func`` as the task for messages whose route attribute is ``name``.
 
     Return normally for success; raise for failure (the message comes back later). The options
     override their global settings for this task only: ``timeout`` (workers.task_timeout),
     ``concurrency`` (at most this many of it at once on this host), ``min_backoff``/``max_backoff``
-    (retry.*), ``max_attempts`` (dead_letter.max_attempts).
+    (retry.*), ``max_attempts`` (dead_letter.max_attempts), ``rate_limit`` ("20/s", "600/m", "100/h":
+    how many of it may start per second, minute or hour; `[tasks] rate_limits` overrides it).
 
     An ``async def`` task runs on its worker's event loop, up to ``workers.async_concurrency`` at once
     per worker. With ``batch_size`` the task gets ``list[Message]``, up to that many, after waiting at
@@ -113,10 +116,22 @@ def task(
         if not callable(func):
             raise RegistryError(f"@task({name!r}) must decorate a function, got {func!r}")
         wait = batch_wait if batch_wait is not None or batch_size is None else DEFAULT_BATCH_WAIT
-        REGISTRY.register(name, func, TaskOptions(timeout, concurrency, min_backoff, max_backoff, max_attempts, batch_size, wait))
+        per_second = _per_second(rate_limit, f"@task({name!r}) at {_origin(func)}")
+        options = TaskOptions(timeout, concurrency, min_backoff, max_backoff, max_attempts, batch_size, wait, rate_limit=per_second)
+        REGISTRY.register(name, func, options)
         return func
 
     return decorate
+
+
+def _per_second(rate_limit: str | None, where: str) -> float | None:
+    """`@task(rate_limit="20/s")` as the messages per second `TaskOptions` carries; a RegistryError when it does not parse."""
+    if rate_limit is None:
+        return None
+    try:
+        return Rate.parse(rate_limit).per_second
+    except ValueError as exc:
+        raise RegistryError(f"{where}: rate_limit {exc}") from None
 
 
 def on_worker_start(func: Callable[[], object]) -> Callable[[], object]:

@@ -47,6 +47,11 @@ SECTION_INTROS = {
     "metrics": "The Prometheus endpoint and the health probes.",
     "control": "The control socket that `consumerd status`, `pause`, `resume`, `drain` and `scale` talk to.",
     "tracing": "OpenTelemetry spans around tasks.",
+    "subscriptions": "Several subscriptions in one daemon, sharing its workers by weight: one table per subscription, "
+    "with the keys below; the dotted ones are that subscription's own values of the global keys of the same name.",
+    "publish": "Where tasks may publish their results (`consumerd.publish`), and how much one task call may publish.",
+    "rate_limit": "How daemons share their tasks' rate limits (`[tasks] rate_limits`, `@task(rate_limit=...)`): "
+    "through Redis for the whole fleet, or each its share.",
 }
 
 # Files outside docs/ that pages show, copied into the site under these names.
@@ -69,19 +74,38 @@ class Key(typing.NamedTuple):
 
 
 def sections() -> list[tuple[str, type[BaseModel]]]:
-    """Every section of the settings model, in the model's order."""
+    """Every section of the settings model, in the model's order (an array of tables, such as
+    [[subscriptions]], by the model of its entries)."""
     found = []
     for name, field in Settings.model_fields.items():
         model = field.annotation
+        if typing.get_origin(model) is list:
+            (model,) = typing.get_args(model)
         assert isinstance(model, type) and issubclass(model, BaseModel), name
         found.append((name, model))
+    return found
+
+
+def is_array(section: str) -> bool:
+    return typing.get_origin(Settings.model_fields[section].annotation) is list
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, FieldInfo]]:
+    """A section's keys; a table inside it (a subscription's [subscriptions.retry]) by its keys, dotted."""
+    found = []
+    for name, field in model.model_fields.items():
+        inner = field.annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            found += _fields(inner, f"{prefix}{name}.")
+        else:
+            found.append((f"{prefix}{name}", field))
     return found
 
 
 def config_keys() -> list[Key]:
     keys = []
     for section, model in sections():
-        for name, field in model.model_fields.items():
+        for name, field in _fields(model):
             dotted = f"{section}.{name}"
             keys.append(
                 Key(
@@ -107,13 +131,19 @@ def config_reference() -> str:
     keys = config_keys()
     lines = []
     for section, _ in sections():
-        lines += [f"## [{section}] {{ #{section} }}", "", SECTION_INTROS.get(section, ""), ""]
+        title = f"[[{section}]]" if is_array(section) else f"[{section}]"
+        lines += [f"## {title} {{ #{section} }}", "", SECTION_INTROS.get(section, ""), ""]
         if section in FIXED_ON_RELOAD:
             lines += ["A reload (SIGHUP) keeps this whole section as it was: changing it needs a restart.", ""]
         lines += ['<div class="reference-table" markdown>', "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for key in (k for k in keys if k.section == section):
             reload = "A reload applies a change." if key.reloadable else "Needs a restart: a reload keeps the old value."
-            meaning = f"{_inline(key.description)}<br>Environment: `{key.env}`. {reload}"
+            env = (
+                f"Environment: `{key.env}`."
+                if not is_array(section)
+                else f"Environment: the whole list, as JSON, in `{ENV_PREFIX}{section.upper()}`."
+            )
+            meaning = f"{_inline(key.description)}<br>{env} {reload}"
             lines.append(f'| <span id="{key.dotted}"></span>`{key.name}` | {key.type} | {_default_cell(key)} | {meaning} |')
         lines += ["", "</div>", ""]
     return "\n".join(lines)
@@ -139,7 +169,7 @@ def _type_name(annotation: Any) -> str:
     if origin is dict:
         return f"table of {_type_name(args[1])}s"
     if isinstance(annotation, types.UnionType) or origin is typing.Union:
-        return " or ".join(_type_name(arg) for arg in args)
+        return " or ".join(_type_name(arg) for arg in args if arg is not type(None))
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -168,7 +198,11 @@ def _bounds(field: FieldInfo) -> str:
 
 def _default_of(field: FieldInfo) -> str:
     """The default as it would be written in the TOML file."""
+    if field.is_required():
+        return "required"
     value = field.get_default(call_default_factory=True)
+    if value is None:
+        return "the global value"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():

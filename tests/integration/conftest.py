@@ -24,7 +24,13 @@ def make_daemon(emulator: Emulator, tmp_path: Path) -> Iterator[Callable[..., Da
     """Start the real daemon on a subscription with config overrides; stopped at teardown."""
     started: list[Daemon] = []
 
-    def make(subscription: str, host: str | None = None, env: dict[str, str] | None = None, **sections: dict[str, Any]) -> Daemon:
+    def make(
+        subscription: str,
+        host: str | None = None,
+        env: dict[str, str] | None = None,
+        run_args: tuple[str, ...] = (),
+        **sections: dict[str, Any],
+    ) -> Daemon:
         settings: dict[str, dict[str, Any]] = {
             "pubsub": {"subscription": subscription},
             "workers": {"concurrency": 2, "task_timeout": 60},
@@ -37,7 +43,7 @@ def make_daemon(emulator: Emulator, tmp_path: Path) -> Iterator[Callable[..., Da
             settings.setdefault(section, {}).update(values)
         config = tmp_path / f"consumerd-{len(started)}.toml"
         config.write_text(toml(settings))
-        daemon = Daemon(config, daemon_env(host or emulator.host, tmp_path, **(env or {}))).start()
+        daemon = Daemon(config, daemon_env(host or emulator.host, tmp_path, **(env or {})), run_args=run_args).start()
         started.append(daemon)
         return daemon
 

@@ -69,19 +69,20 @@ def test_metrics_count_a_known_workload(broker, topic_sub, make_daemon, ledger, 
     [unknown] = broker.publish(topic, task="no_such_task")
     [rejected] = broker.publish(topic, task="reject")
     daemon = make_daemon(sub, retry={"min_backoff": 0, "max_backoff": 0}, dead_letter={"topic": dl_topic})
+    name = sub.rpartition("/")[2]  # the per-message series carry the subscription they came from
     daemon.wait_for_ids("message.done", set(ok + flaky + crashing + [slow]), timeout=60)
     daemon.wait_for_ids("message.dead_lettered", {unknown, rejected})
     found = samples(daemon)
-    assert value(found, "consumerd_dead_lettered_total", task="reject") == 1
-    assert value(found, "consumerd_dead_lettered_total", task="unknown") == 1
-    assert value(found, "consumerd_messages_total", task="exit_once", outcome="crash") == 2
+    assert value(found, "consumerd_dead_lettered_total", subscription=name, task="reject") == 1
+    assert value(found, "consumerd_dead_lettered_total", subscription=name, task="unknown") == 1
+    assert value(found, "consumerd_messages_total", subscription=name, task="exit_once", outcome="crash") == 2
     assert value(found, "consumerd_worker_exits_total", cause="exit_nonzero") == 2
     assert value(found, "consumerd_lease_renewals_total") >= 1
     assert value(found, "consumerd_lease_lapsed_total") == 0
-    assert value(found, "consumerd_messages_total", task="ok", outcome="success") == 20
-    assert value(found, "consumerd_messages_total", task="raise_once", outcome="success") == 5
-    assert value(found, "consumerd_messages_total", task="raise_once", outcome="error") == 5
-    assert value(found, "consumerd_messages_total", task="unknown", outcome="unknown_task") == 1
+    assert value(found, "consumerd_messages_total", subscription=name, task="ok", outcome="success") == 20
+    assert value(found, "consumerd_messages_total", subscription=name, task="raise_once", outcome="success") == 5
+    assert value(found, "consumerd_messages_total", subscription=name, task="raise_once", outcome="error") == 5
+    assert value(found, "consumerd_messages_total", subscription=name, task="unknown", outcome="unknown_task") == 1
     assert value(found, "consumerd_task_duration_seconds_count", task="ok") == 20
     assert value(found, "consumerd_task_duration_seconds_count", task="raise_once") == 10
     assert value(found, "consumerd_task_duration_seconds_count", task="exit_once") == 4  # crashes count their run time too
@@ -170,7 +171,7 @@ def test_status_shows_a_running_task_within_a_second(broker, topic_sub, make_dae
     assert mid in table and "sleep" in table and "state: running" in table
     # Process titles say what each process is and does.
     titles = {pid: open(f"/proc/{pid}/cmdline").read().replace("\0", " ").strip() for pid in _tree(daemon.pid)}
-    assert titles[daemon.pid].startswith(f"consumerd: supervisor [{sub}]")
+    assert titles[daemon.pid].startswith(f"consumerd: supervisor [{sub.rpartition('/')[2]}]")
     assert any(t == "consumerd: fork server" for t in titles.values())
     assert any(t.startswith("consumerd: worker") and t.endswith(f"sleep {mid}") for t in titles.values()), titles
     assert any(t.startswith("consumerd: worker") and t.endswith("idle") for t in titles.values()), titles

@@ -18,7 +18,8 @@ from consumerd.testing import TaskOutcome, make_message, run_task
 
 pytestmark = pytest.mark.integration
 
-MODULE = "tests.support.parity_tasks"
+MODULE = "tests.support.parity_tasks"  # imported by `by_run_task`, after other tests may have cleared the registry
+OUTPUTS = "projects/test-project/topics/parity-outputs"  # where parity_publish publishes
 Case = list[tuple[bytes, dict[str, str]]]  # the messages of one call: data and attributes
 
 CASES: dict[str, tuple[str, Case]] = {
@@ -33,12 +34,15 @@ CASES: dict[str, tuple[str, Case]] = {
     "async ack": ("parity_aio_ok", [(b"[1, 2]", {})]),
     "async failure": ("parity_aio_boom", [(b"", {})]),
     "async timeout": ("parity_aio_hang", [(b"", {})]),
+    "publishes": ("parity_publish", [(b"", {})]),
 }
 
 
 def plain(outcome: TaskOutcome) -> dict[str, Any]:
-    """What is compared: everything but the message id."""
+    """What is compared: everything but the message id (which each output names as its source)."""
     fields = dataclasses.asdict(outcome)
+    for output in fields["published"]:
+        assert output["attributes"].pop("consumerd_source_message_id") == outcome.message_id
     del fields["message_id"]
     return fields
 
@@ -54,13 +58,25 @@ def by_the_daemon(broker, topic_sub, make_daemon, name: str, case: Case) -> list
     topic, sub = topic_sub()
     dl_topic, dl_sub = topic_sub()
     ids = [broker.publish(topic, data=data, task=name, **attrs)[0] for data, attrs in case]
-    daemon = make_daemon(sub, tasks={"modules": [MODULE]}, dead_letter={"topic": dl_topic})
+    out_sub = f"{dl_sub}-outputs"
+    broker.adapter.ensure_topic(OUTPUTS)
+    broker.adapter.ensure_subscription(OUTPUTS, out_sub, 10)
+    daemon = make_daemon(sub, tasks={"modules": [MODULE]}, dead_letter={"topic": dl_topic}, publish={"topics": [OUTPUTS]})
     settled = {mid: first_settling(daemon, mid) for mid in ids}
+    outputs: dict[str, list[dict[str, Any]]] = {}
+    if name == "parity_publish":
+        for message in sorted(broker.pull_messages(out_sub, timeout=10), key=lambda m: m.attributes["n"]):  # in the order published
+            attributes = dict(message.attributes)
+            source = attributes.pop("consumerd_source_message_id")
+            outputs.setdefault(source, []).append(
+                {"topic": OUTPUTS, "data": message.data, "attributes": attributes, "ordering_key": message.ordering_key}
+            )
+    broker.adapter.subscriber.delete_subscription(request={"subscription": out_sub})
     copies: dict[str, dict[str, str]] = {}
     if any(e["event"] == "message.dead_lettered" for e in settled.values()):
         for message in broker.pull_messages(dl_sub, timeout=10):
             copies[message.attributes["consumerd_original_message_id"]] = dict(message.attributes)
-    return [observed(settled[mid], copies.get(mid)) for mid in ids]
+    return [observed(settled[mid], copies.get(mid), outputs.get(mid, [])) for mid in ids]
 
 
 def first_settling(daemon, mid: str, timeout: float = 30) -> dict[str, Any]:
@@ -74,10 +90,10 @@ def first_settling(daemon, mid: str, timeout: float = 30) -> dict[str, Any]:
     raise AssertionError(f"message {mid} was not settled within {timeout}s; last lines:\n{''.join(daemon.raw[-15:])}")
 
 
-def observed(event: dict[str, Any], copy: dict[str, str] | None) -> dict[str, Any]:
+def observed(event: dict[str, Any], copy: dict[str, str] | None, published: list[dict[str, Any]]) -> dict[str, Any]:
     blank = plain(TaskOutcome("", ""))
     if event["event"] == "message.done":
-        return {**blank, "outcome": "success", "acked": True}
+        return {**blank, "outcome": "success", "acked": True, "published": published}
     if event["event"] == "message.dead_lettered":
         assert copy is not None, "dead-lettered, but no copy reached the dead-letter topic"
         return {**blank, "outcome": copy["consumerd_outcome"], "rejected": copy["consumerd_error"]}

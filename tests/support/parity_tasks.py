@@ -72,3 +72,14 @@ async def aio_boom(msg: Message) -> None:
 @task("parity_aio_hang", timeout=1)
 async def aio_hang(msg: Message) -> None:
     await asyncio.sleep(30)
+
+
+OUTPUTS = "projects/test-project/topics/parity-outputs"  # harness.daemon.PROJECT's
+
+
+@task("parity_publish")
+def publishes(msg: Message) -> None:
+    from consumerd import publish
+
+    publish(OUTPUTS, {"part": 1}, ordering_key="k", n="1")
+    publish(OUTPUTS, b"part 2", n="2")

@@ -142,6 +142,24 @@ def test_broken_config_fails_fast_without_a_restart_loop(guest, service):
     assert "workers.concurrency: Input should be greater than or equal to 1" in text
 
 
+def test_under_the_units_sandbox_workers_outrank_the_supervisor_for_the_oom_killer_and_run_capped(guest, service, broker):
+    memory = {"memory_limit": "500MiB", "max_memory_per_child": "200MiB"}
+    topic, _ = service(workers=memory, tasks={"modules": ["tests.support.tasks", "tests.support.memory_tasks"]})
+    guest.sh("systemctl start consumerd")
+    assert guest.sh("systemctl show -p OOMPolicy --value consumerd").stdout.strip() == "continue"
+    [big] = broker.publish(topic, data={"gb": 2}, task="allocate_once")
+    ids = broker.publish(topic, 10, data={"mb": 50}, task="leak")
+    _wait_ids(guest, [big, *ids])
+    assert [p[0] for p in guest.ledger() if p[1] == big] == ["start", "start", f"allocated={10 * 2**20}", "done"]  # MemoryError, retried
+    main_pid = guest.show()["MainPID"]
+    [fork_server] = guest.sh(f"pgrep -P {main_pid}").stdout.split()
+    workers = guest.sh(f"pgrep -P {fork_server}").stdout.split()
+    supervisor = int(guest.sh(f"cat /proc/{main_pid}/oom_score_adj").stdout)
+    assert [int(guest.sh(f"cat /proc/{pid}/oom_score_adj").stdout) for pid in workers] == [min(1000, supervisor + 500)] * len(workers)
+    assert "524288000" in guest.sh(f"grep 'Max data size' /proc/{workers[0]}/limits").stdout
+    assert "worker.memory_retired" in guest.journal_text()  # 10 x 50 MiB over 2 workers: one passed 200 MiB
+
+
 def test_reload_applies_a_new_concurrency_without_losing_a_task(guest, service, broker):
     topic, _ = service()
     guest.sh("systemctl start consumerd")

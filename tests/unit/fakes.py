@@ -22,8 +22,10 @@ from consumerd.pool.handles import Lost, Slot, outcome_of
 from consumerd.pool.pool import KillReason, RunningJob, WorkerExited, WorkerResult
 from consumerd.supervisor.components import IoThreads
 from consumerd.supervisor.loop import State, Supervisor
+from consumerd.supervisor.stream import Stream
 
 TASKS = ("ok", "slow")
+SUBSCRIPTION = "projects/p/subscriptions/sub"  # what `write_config` names
 
 
 class Clock:
@@ -157,6 +159,12 @@ class Pool:
         self.killed += [(w.pid, reason) for w in self.workers.values() if w.inflight]
         self.kill_graces.append(grace)
 
+    def code_files(self) -> tuple[Any, ...]:
+        return ()  # the code never changes here: a reload applies its settings at once
+
+    def generations(self, now: float) -> list[Any]:
+        return []
+
     def stop(self) -> None:
         os.close(self._control_r)
         os.close(self._control_w)
@@ -219,6 +227,22 @@ class Forwarder:
         pass
 
 
+class Publisher:
+    """Records the output batches it is given; a test posts their reports to the inbox."""
+
+    def __init__(self) -> None:
+        self.batches: list[Any] = []
+
+    def send(self, batch: Any) -> None:
+        self.batches.append(batch)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 class PubSub:
     subscription = "projects/p/subscriptions/s"
 
@@ -238,7 +262,7 @@ class PubSub:
 
 class Components:
     def __init__(self, ordering: bool = False) -> None:
-        self.acker, self.puller, self.forwarder = Acker(), Puller(), Forwarder()
+        self.acker, self.puller, self.forwarder, self.publisher = Acker(), Puller(), Forwarder(), Publisher()
         self.fake_pubsub = PubSub(ordering)
         self.fake_pool: Pool | None = None
 
@@ -251,7 +275,8 @@ class Components:
 
     def io_threads(self, pubsub: Any, settings: Any, inbox: Any) -> IoThreads:
         forwarder = self.forwarder if settings.dead_letter.topic else None
-        return IoThreads(self.puller, self.acker, forwarder)  # type: ignore[arg-type]
+        publisher = self.publisher if settings.publish.topics else None
+        return IoThreads(self.puller, self.acker, forwarder, publisher)  # type: ignore[arg-type]
 
 
 def write_config(path: Path, extra: str = "") -> Path:
@@ -270,7 +295,7 @@ class Harness:
         self.components = Components(ordering)
         self.sup = Supervisor(load_settings(config), config, clock=self.clock, components=self.components)  # type: ignore[arg-type]
         self.log = Log()
-        self.sup.log = self.sup.settler.log = self.sup.safety.log = self.log
+        self.sup.log = self.stream.log = self.stream.settler.log = self.sup.safety.log = self.sup.streams.log = self.log
         self.sup.selector = Selector(self.clock)  # type: ignore[assignment]
         self.sup.start_pool()
         self.sup.connect_pubsub()
@@ -286,18 +311,23 @@ class Harness:
         return self.components.fake_pool
 
     @property
+    def stream(self) -> Stream:
+        """The one subscription `write_config` names."""
+        return self.sup.streams.all[0]
+
+    @property
     def acker(self) -> Acker:
         return self.components.acker
 
     def message(self, task: str = "ok", data: bytes = b"x", key: str = "", **attributes: str) -> Received:
         self.seq += 1
-        msg = Message(f"m{self.seq}", data, {"task": task, **attributes}, datetime.datetime.now(datetime.UTC), None, key, "s")
+        msg = Message(f"m{self.seq}", data, {"task": task, **attributes}, datetime.datetime.now(datetime.UTC), None, key, SUBSCRIPTION)
         return Received(f"ack-m{self.seq}", msg)
 
     def pull(self, *received: Received) -> None:
         """A pull result arrives for what was asked (or for these messages, asked or not)."""
         asked = self.components.puller.requests[-1] if self.components.puller.requests else 0
-        self.sup.inbox.post(PullResult(asked, list(received), sent_at=self.pull_sent_at))
+        self.stream.inbox.post(PullResult(asked, list(received), sent_at=self.pull_sent_at))
         self.sup.tick()
 
     def finish(self, message_id: str, outcome: Outcome = Outcome.SUCCESS, **fields: Any) -> None:

@@ -38,6 +38,12 @@ def test_defaults_match_the_documented_contract(tmp_path):
         ("workers", "concurrency", '"many"', "valid integer"),
         ("workers", "max_tasks_per_child", "-1", "greater than or equal to 0"),
         ("workers", "task_timeout", "0", "greater than 0"),
+        ("workers", "max_memory_per_child", '"512M"', "is not a size: use bytes (an integer) or a number and one of B, kB"),
+        ("workers", "max_memory_per_child", '"lots"', "is not a size"),
+        ("workers", "max_memory_per_child", "-1", "greater than or equal to 0"),
+        ("workers", "max_memory_per_child", "1.5", "valid integer"),
+        ("workers", "memory_limit", "true", "not true or false"),
+        ("workers", "memory_limit", '"1MiB"', "at least 64 MiB"),
         ("leases", "ack_deadline", "5", "greater than or equal to 10"),
         ("leases", "ack_deadline", "601", "less than or equal to 600"),
         ("shutdown", "drain_timeout", "-1", "greater than or equal to 0"),
@@ -57,6 +63,30 @@ def test_each_bad_value_is_one_line_naming_key_and_file(tmp_path, section, key, 
     text = str(err.value)
     assert "\n" not in text
     assert f"{section}.{key}" in text and str(path) in text and needle in text
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("512MiB", 512 * 2**20),
+        ("200MB", 200 * 10**6),
+        ("1GiB", 2**30),
+        ("1.5 GiB", 3 * 2**29),
+        ("2gb", 2 * 10**9),
+        ("4096", 4096),
+        (4096, 4096),
+        (0, 0),
+    ],
+)
+def test_memory_sizes_are_bytes_or_a_number_with_a_unit(tmp_path, text, size):
+    value = f'"{text}"' if isinstance(text, str) else str(text)
+    s = load_settings(write(tmp_path, f"[workers]\nmax_memory_per_child = {value}\n"))
+    assert s.workers.max_memory_per_child == size
+
+
+def test_a_memory_size_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONSUMERD_WORKERS__MEMORY_LIMIT", "1GiB")
+    assert load_settings(write(tmp_path, "")).workers.memory_limit == 2**30
 
 
 @pytest.mark.parametrize("text", ["[workers]\nconcurency = 2\n", "[worker]\nconcurrency = 2\n", "top = 1\n"])
@@ -185,3 +215,70 @@ def test_a_reload_whose_applied_keys_need_a_refused_one_is_one_config_error():
     )
     with pytest.raises(ConfigError, match=r"dead_letter.max_attempts.*dead_letter.topic.*needs a topic"):
         reload_plan(old, new)
+
+
+# -- [[subscriptions]] ------------------------------------------------------------------------------
+SEVERAL = """[pubsub]
+project = "p"
+[retry]
+min_backoff = 2
+[dead_letter]
+topic = "dead"
+[[subscriptions]]
+name = "orders"
+weight = 3
+max_concurrency = 6
+[subscriptions.dead_letter]
+topic = "orders-dead"
+max_attempts = 5
+[subscriptions.leases]
+ack_deadline = 120
+[[subscriptions]]
+name = "projects/q/subscriptions/emails"
+"""
+
+
+def test_several_subscriptions_each_get_the_global_settings_with_their_own_overrides(tmp_path):
+    streams = load_settings(write(tmp_path, SEVERAL)).streams()
+    orders, emails = streams
+    assert (orders.path, orders.weight, orders.max_concurrency) == ("projects/p/subscriptions/orders", 3, 6)
+    assert (orders.settings.dead_letter.topic, orders.settings.dead_letter.max_attempts) == ("orders-dead", 5)
+    assert orders.settings.leases.ack_deadline == 120 and orders.settings.retry.min_backoff == 2  # the rest is global
+    assert (emails.path, emails.weight, emails.max_concurrency, emails.name) == ("projects/q/subscriptions/emails", 1, 0, "emails")
+    assert emails.settings.dead_letter.topic == "dead" and emails.settings.leases.ack_deadline == 60
+    assert orders.settings.subscriptions == [] and orders.settings.pubsub.subscription == "orders"
+
+
+def test_one_subscription_is_one_stream_of_weight_one(tmp_path):
+    [only] = load_settings(write(tmp_path, '[pubsub]\nproject = "p"\nsubscription = "jobs"\n')).streams()
+    assert (only.path, only.weight, only.max_concurrency) == ("projects/p/subscriptions/jobs", 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('[pubsub]\nproject = "p"\nsubscription = "jobs"\n[[subscriptions]]\nname = "orders"\n', "not both"),
+        (
+            '[pubsub]\nproject = "p"\n[[subscriptions]]\nname = "orders"\n[[subscriptions]]\nname = "projects/p/subscriptions/orders"\n',
+            "listed twice",
+        ),
+        ('[pubsub]\nproject = "p"\n[[subscriptions]]\nname = "orders"\nweight = 0\n', "subscriptions.0.weight"),
+        ('[pubsub]\nproject = "p"\n[[subscriptions]]\nname = "o"\n', "subscriptions.0.name: Value error, must be a subscription name"),
+        ('[pubsub]\nproject = "p"\n[[subscriptions]]\nweight = 2\n', "subscriptions.0.name"),
+        ('[pubsub]\nproject = "p"\n[[subscriptions]]\nname = "orders"\n[subscriptions.flow]\nmax_message_bytes = 5\n', "unknown key"),
+        (
+            '[pubsub]\nproject = "p"\n[retry]\nmax_backoff = 10\n[[subscriptions]]\nname = "orders"\n[subscriptions.retry]\nmin_backoff = 20\n',
+            "subscription 'orders': its [retry] overrides: min_backoff must not exceed max_backoff",
+        ),
+    ],
+)
+def test_a_bad_subscriptions_table_is_a_config_error_naming_it(tmp_path, text, needle):
+    with pytest.raises(ConfigError, match=None) as caught:
+        load_settings(write(tmp_path, text))
+    assert needle in str(caught.value), str(caught.value)
+
+
+def test_run_needs_a_subscription_in_one_form_or_the_other(tmp_path):
+    with pytest.raises(ConfigError, match="or \\[\\[subscriptions\\]\\]"):
+        load_settings(write(tmp_path, '[pubsub]\nproject = "p"\n')).require_subscription("c.toml")
+    load_settings(write(tmp_path, SEVERAL)).require_subscription("c.toml")

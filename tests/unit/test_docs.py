@@ -34,7 +34,20 @@ def reference() -> ModuleType:
 
 
 def every_key() -> list[str]:
-    return [f"{section}.{key}" for section, field in Settings.model_fields.items() for key in field.annotation.model_fields]
+    """Every key of every plain section ([[subscriptions]] is checked on its own)."""
+    return [
+        f"{section}.{key}"
+        for section, field in Settings.model_fields.items()
+        if section != "subscriptions"
+        for key in field.annotation.model_fields
+    ]
+
+
+def test_the_subscriptions_table_lists_its_keys_and_overrides(reference):
+    rows = [line for line in reference.config_reference().splitlines() if line.startswith('| <span id="subscriptions.')]
+    names = {line.split('"')[1] for line in rows}
+    assert {"subscriptions.name", "subscriptions.weight", "subscriptions.max_concurrency", "subscriptions.retry.min_backoff"} <= names
+    assert "required" in rows[0] and "`CONSUMERD_SUBSCRIPTIONS`" in rows[0]
 
 
 def subparsers_of(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -44,15 +44,17 @@ def test_a_pickle_frame_from_a_worker_is_rejected_without_running_it(tmp_path):
 def test_results_round_trip_and_every_field_is_validated():
     result = Result(5, Outcome.RETRY, 0.25, "later", 3.5)
     assert Result.decode(result.encode()) == result
+    assert Result.decode(Result(6, Outcome.SUCCESS, 0.1, over_memory=True).encode()).over_memory is True
     bad_rows = [
-        [0, "success", 0.1, "", None],  # seq must be positive
-        [True, "success", 0.1, "", None],  # a bool is not a seq
-        [1, "crash", 0.1, "", None],  # the supervisor decides crashes, not a worker
-        [1, "success", -1, "", None],
-        [1, "retry", 0.1, "", -2],
-        [1, "retry", 0.1, "", "5"],
-        [1, "error", 0.1, "x" * (MAX_ERROR_CHARS + 1), None],
-        [1, "success", 0.1, ""],
+        [0, "success", 0.1, "", None, False],  # seq must be positive
+        [True, "success", 0.1, "", None, False],  # a bool is not a seq
+        [1, "crash", 0.1, "", None, False],  # the supervisor decides crashes, not a worker
+        [1, "success", -1, "", None, False],
+        [1, "retry", 0.1, "", -2, False],
+        [1, "retry", 0.1, "", "5", False],
+        [1, "error", 0.1, "x" * (MAX_ERROR_CHARS + 1), None, False],
+        [1, "success", 0.1, "", None, 1],  # over_memory is a bool
+        [1, "success", 0.1, "", None],
         {"seq": 1},
     ]
     for row in bad_rows:
@@ -60,7 +62,7 @@ def test_results_round_trip_and_every_field_is_validated():
             Result.decode(json.dumps(row).encode())
     for constant in (b"NaN", b"Infinity", b"-Infinity"):
         with pytest.raises(WorkerProtocolError, match="undecodable"):
-            Result.decode(b'[1,"retry",0.1,"",' + constant + b"]")
+            Result.decode(b'[1,"retry",0.1,"",' + constant + b",false]")
 
 
 def test_an_oversized_error_is_cut_to_4_kib_by_the_encoder():
@@ -83,18 +85,36 @@ def test_control_packets_round_trip_and_reject_anything_else():
             decode_control(raw)
 
 
-def _pool_on(sock: socket.socket) -> Pool:
-    pool = Pool(spec=None, size=0, forget=lambda _s: None)  # type: ignore[arg-type]
-    pool._control = sock
+class NoProcess:
+    """The fork server's process, when the test itself is the fork server."""
+
+    pid = 0
+
+    def poll(self) -> int:
+        return 0
+
+    def kill(self) -> None:
+        pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+
+def _pool_on(ours: socket.socket, theirs: socket.socket) -> Pool:
+    """A started pool whose fork server is the test: ``theirs`` is the fork server's end."""
+    theirs.send(encode_control(Ready(())))
+    pool = Pool(spec=None, size=0, forget=lambda _s: None, launch=lambda _spec: (NoProcess(), ours))  # type: ignore[arg-type]
+    pool.start()
     return pool
 
 
 def test_two_descriptors_where_one_fits_is_a_fork_server_error_not_an_index_error():
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pool = _pool_on(ours, theirs)
     r1, w1 = os.pipe()
     socket.send_fds(theirs, [encode_control(Spawned(1, 99))], [r1, w1])
     with pytest.raises(ForkServerDied, match="MSG_CTRUNC"):
-        _pool_on(ours).read_control(0.0)
+        pool.read_control(0.0)
     ours.close(), theirs.close(), os.close(r1), os.close(w1)
 
 
@@ -105,8 +125,15 @@ def test_a_spawned_packet_arriving_without_its_descriptor_is_a_fork_server_error
         """
         import os, resource, socket, sys
         from consumerd.pool.pool import ForkServerDied, Pool
-        from consumerd.ipc.records import Spawned, encode_control
+        from consumerd.ipc.records import Ready, Spawned, encode_control
+        class NoProcess:
+            pid = 0
+            poll = wait = lambda self, timeout=None: 0
+            kill = lambda self: None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        theirs.send(encode_control(Ready(())))
+        pool = Pool(spec=None, size=0, forget=lambda s: None, launch=lambda spec: (NoProcess(), ours))
+        pool.start()
         r, w = os.pipe()
         socket.send_fds(theirs, [encode_control(Spawned(1, 99))], [r])
         highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
@@ -116,8 +143,6 @@ def test_a_spawned_packet_arriving_without_its_descriptor_is_a_fork_server_error
                 os.open("/dev/null", os.O_RDONLY)  # fill every gap below the limit
         except OSError:
             pass
-        pool = Pool(spec=None, size=0, forget=lambda s: None)
-        pool._control = ours
         try:
             pool.read_control(0.0)
         except ForkServerDied as exc:

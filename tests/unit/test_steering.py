@@ -18,11 +18,13 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return {"state": "running"}
 
-    def set_paused(self, paused: bool) -> None:
-        self.calls.append(("paused", paused))
+    def set_paused(self, paused: bool, subscription: str = "") -> None:
+        if subscription not in ("", "orders"):
+            raise LookupError(f"no subscription {subscription!r} here (serving: orders)")
+        self.calls.append(("paused", paused, subscription))
 
-    def drain(self) -> None:
-        self.calls.append(("drain", None))
+    def drain(self, subscription: str = "") -> None:
+        self.calls.append(("drain", subscription))
 
     def resize(self, concurrency: int) -> None:
         self.calls.append(("resize", concurrency))
@@ -44,7 +46,18 @@ def test_each_command_asks_the_daemon_for_exactly_its_effect():
     assert run(s, Command.RESUME) == {"ok": True, "paused": False}
     assert run(s, Command.SCALE, n=3) == {"ok": True, "concurrency": 3}
     assert run(s, Command.DRAIN) == {"ok": True, "state": "draining"}
-    assert daemon.calls == [("paused", True), ("paused", False), ("resize", 3), ("drain", None)]
+    assert daemon.calls == [("paused", True, ""), ("paused", False, ""), ("resize", 3), ("drain", "")]
+
+
+def test_pause_resume_and_drain_take_one_subscription_and_refuse_an_unknown_one():
+    daemon = Daemon()
+    s = steering(daemon)
+    assert run(s, Command.PAUSE, subscription="orders") == {"ok": True, "paused": True, "subscription": "orders"}
+    assert run(s, Command.DRAIN, subscription="orders") == {"ok": True, "state": "draining", "subscription": "orders"}
+    assert run(s, Command.RESUME, subscription="emails") == {"ok": False, "error": "no subscription 'emails' here (serving: orders)"}
+    for bad in (3, ["orders"], "x" * 301):
+        assert run(s, Command.PAUSE, subscription=bad)["ok"] is False
+    assert daemon.calls == [("paused", True, "orders"), ("drain", "orders")]
 
 
 def test_scale_refuses_what_is_not_a_whole_number_within_the_limit():

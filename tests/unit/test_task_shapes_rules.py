@@ -173,7 +173,7 @@ def test_a_busy_sync_worker_is_refilled_in_bulk_many_jobs_to_a_frame(tmp_path, w
     from consumerd.pool.pool import Pool
     from tests.unit.fakes import Harness, write_config
 
-    intake = Harness(write_config(tmp_path / "c.toml", "[workers]\nconcurrency = 1\n")).sup.intake
+    intake = Harness(write_config(tmp_path / "c.toml", "[workers]\nconcurrency = 1\n")).stream.intake
     intake.task_seconds.add(0.0001)  # 0.1 ms tasks: 64 queued behind the running one
     assert intake.queue_depth() == 64
     pool = Pool(ForkServerSpec((), (), "json", "info", 0), 1, forget=lambda sock: None)

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 from structlog.stdlib import BoundLogger
@@ -41,6 +41,7 @@ class Acker:
         clock: Callable[[], float] = time.monotonic,
         linger: float = 0.25,
         max_batch: int = 1000,
+        labels: Mapping[str, str] | None = None,  # on every log line: the subscription it serves
     ) -> None:
         # Seconds to wait for more requests before sending: fewer, fuller RPCs, which cost Pub/Sub
         # and the supervisor less per message. An ack sent that much later holds its lease that much
@@ -61,7 +62,7 @@ class Acker:
         self._queued_ids = 0  # ack ids put since the linger's clock was reset
         self._thread = threading.Thread(target=self._run, name="consumerd-acker", daemon=True)
         self.stats = {"acked": 0, "nacked": 0, "extended": 0, "dropped": 0, "rpc_failures": 0, "ack_id_failures": 0}
-        self.log: BoundLogger = structlog.get_logger("consumerd.acker")
+        self.log: BoundLogger = structlog.get_logger("consumerd.acker").bind(**(labels or {}))
 
     def start(self) -> None:
         self._thread.start()

@@ -22,13 +22,11 @@ from google.pubsub_v1 import SubscriberClient as GapicSubscriber
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 from google.pubsub_v1.types import pubsub as types
-from structlog.stdlib import BoundLogger
 
 from consumerd.adapters.pubsub import credentials
-from consumerd.config import PubSubSettings, Settings
-from consumerd.errors import ConfigError, ConsumerdError, PubSubUnavailable
+from consumerd.config import PubSubSettings
+from consumerd.errors import ConfigError
 from consumerd.message import Message
-from consumerd.policy.backoff import Backoff
 
 if TYPE_CHECKING:
     from google.cloud import pubsub_v1
@@ -245,6 +243,18 @@ class PubSub:
             raise
         return response.message_ids[0]
 
+    def publish_many(self, topic: str, messages: Sequence[tuple[bytes, Mapping[str, str], str]]) -> list[str]:
+        """Publish (data, attributes, ordering key) messages in one request; return their ids."""
+        self.rpcs.add("publish")
+        request = {"topic": topic, "messages": [{"data": d, "attributes": dict(a), "ordering_key": k} for d, a, k in messages]}
+        try:
+            response = self.publisher.publish(request=request, timeout=RPC_TIMEOUT, retry=None)
+        except gexc.GoogleAPICallError as exc:
+            code = exc.grpc_status_code
+            self.rpcs.error("publish", code.name if code is not None else type(exc).__name__)
+            raise
+        return list(response.message_ids)
+
     def topic_exists(self, topic: str) -> bool:
         try:
             self.publisher.get_topic(request={"topic": topic}, timeout=RPC_TIMEOUT, retry=None)
@@ -332,60 +342,3 @@ def _received(raw: object, subscription: str) -> Received:
             subscription=subscription,
         ),
     )
-
-
-def connect(
-    pubsub: PubSub,
-    settings: Settings,
-    clock: Callable[[], float],
-    wait_or_stop: Callable[[float], bool],
-    log: BoundLogger,
-) -> SubscriptionInfo | None:
-    """Describe the subscription, retrying while Pub/Sub is unreachable for up to ``startup_timeout``.
-
-    None when ``wait_or_stop`` reports a stop request while waiting; PubSubUnavailable after the
-    timeout; ConfigError (not retried) when the subscription or the dead-letter topic does not
-    exist, or access is denied.
-    """
-    give_up_at = clock() + settings.pubsub.startup_timeout
-    backoff = Backoff(base=0.5, cap=5.0)
-    attempt = 0
-    while True:
-        try:
-            info = pubsub.describe_subscription()
-            break
-        except ConsumerdError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - retried, then reported as unavailable
-            attempt += 1
-            auth = pubsub.auth_failure()
-            if auth is not None and auth.permanent:
-                raise ConfigError(f"pubsub credentials refused by the token endpoint: {auth.error}") from None
-            if not is_transient(exc) or clock() >= give_up_at:
-                first_line = str(exc).splitlines()[0] if str(exc) else ""
-                raise PubSubUnavailable(
-                    f"Pub/Sub unreachable for {pubsub.subscription} after {attempt} attempts "
-                    f"(pubsub.startup_timeout): {type(exc).__name__}: {first_line}"[:500]
-                ) from None
-            delay = backoff.delay(attempt)
-            log.warning(
-                "pubsub.unreachable",
-                error=type(exc).__name__,
-                **({"auth_error": auth.error} if auth is not None else {}),
-                attempt=attempt,
-                retry_in_s=round(delay, 2),
-            )
-            if wait_or_stop(delay):
-                return None
-    dead_letter_topic = settings.dead_letter.topic and settings.pubsub.topic_path(settings.dead_letter.topic)
-    if dead_letter_topic and not pubsub.topic_exists(dead_letter_topic):
-        raise ConfigError(f"dead_letter.topic: {dead_letter_topic} does not exist")
-    log.info(
-        "pubsub.subscribed",
-        subscription=info.path,
-        ack_deadline=info.ack_deadline,
-        dead_letter=bool(info.dead_letter_topic),
-        exactly_once=info.exactly_once,
-        ordering=info.ordering,
-    )
-    return info

@@ -10,13 +10,9 @@ original is given back instead: never acked without a copy.
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from collections.abc import Callable, Mapping
 
-import structlog
-from structlog.stdlib import BoundLogger
-
+from consumerd.adapters.pubsub.handoff import Handoff
 from consumerd.ipc.inbox import Inbox
 from consumerd.policy.backoff import Backoff
 
@@ -38,36 +34,25 @@ class Forwarded:
     permanent: bool = False  # a failure retrying cannot fix (INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED)
 
 
-class Forwarder:
+class Forwarder(Handoff[DeadLetter]):
     def __init__(
         self,
         publish: Callable[[bytes, Mapping[str, str]], str],
         inbox: Inbox,
         is_transient: Callable[[BaseException], bool],
         backoff: Backoff = Backoff(base=0.5, cap=10.0),
+        labels: Mapping[str, str] | None = None,  # on every log line: the subscription it serves
     ) -> None:
+        super().__init__("forwarder", inbox, labels)
         self._publish = publish
-        self._inbox = inbox
         self._is_transient = is_transient
         self._backoff = backoff
-        self._queue: queue.SimpleQueue[DeadLetter | None] = queue.SimpleQueue()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="consumerd-forwarder", daemon=True)
-        self.log: BoundLogger = structlog.get_logger("consumerd.forwarder")
-
-    def start(self) -> None:
-        self._thread.start()
 
     def forward(self, letter: DeadLetter) -> None:
-        self._queue.put(letter)
+        self.put(letter)
 
-    def stop(self) -> None:
-        self._stopping.set()
-        self._queue.put(None)
-
-    def _run(self) -> None:
-        while (letter := self._queue.get()) is not None:
-            self._inbox.post(self._forward(letter))
+    def handle(self, letter: DeadLetter) -> Forwarded:
+        return self._forward(letter)
 
     def _forward(self, letter: DeadLetter) -> Forwarded:
         for attempt in range(1, MAX_TRIES + 1):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import structlog
 from structlog.stdlib import BoundLogger
@@ -34,6 +34,7 @@ class Puller:
         is_transient: Callable[[BaseException], bool],
         timeout: float,  # pubsub.pull_timeout: an empty long poll returns after about this long
         backoff: Backoff = Backoff(base=0.2, cap=10.0),
+        labels: Mapping[str, str] | None = None,  # on every log line: the subscription it serves
     ) -> None:
         self._pull = pull
         self._inbox = inbox
@@ -45,7 +46,7 @@ class Puller:
         self.last_error = ""  # the last pull's failure; empty once one succeeds
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="consumerd-puller", daemon=True)
-        self.log: BoundLogger = structlog.get_logger("consumerd.puller")
+        self.log: BoundLogger = structlog.get_logger("consumerd.puller").bind(**(labels or {}))
 
     def start(self) -> None:
         self._thread.start()
