@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_sentry_recipe import events, sentry  # noqa: F401 - the loopback stand-in for Sentry
+from tests.support.sentry import events, sentry  # noqa: F401 - the loopback stand-in for Sentry
 
 pytestmark = pytest.mark.integration
 TYPED = {"modules": ["tests.support.typed_tasks"]}
