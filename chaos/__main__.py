@@ -1,10 +1,14 @@
-"""The chaos soak: `python -m chaos [--messages N]` (`make chaos`: 20,000; `make test`: 1,000).
+"""The chaos soak: `python -m chaos [--messages N] [--subscriptions K]` (`make chaos`: 20,000;
+`make test`: 1,000; both across two subscriptions).
 
 Against the real emulator: publish N messages whose tasks misbehave at random (see chaos/tasks.py),
-run the real daemon, and meanwhile SIGTERM and restart it twice, SIGKILL it once (its orphaned
-workers must die with it), freeze the emulator past the ack deadline, and run a second daemon on
-the same subscription for a while. Then compare the ledger the tasks wrote with what was
-published and print the table. Exit 1 if anything was lost or an invariant broke.
+split between K topics by the weights of their subscriptions, which one daemon serves with one
+worker pool ([[subscriptions]]; each but the first with a dead-letter topic of its own). Meanwhile
+SIGTERM and restart the daemon twice, SIGKILL it once (its orphaned workers must die with it),
+freeze the emulator past the ack deadline, and run a second daemon on the same subscriptions for a
+while. Then compare the ledger the tasks wrote with what was published, subscription by
+subscription (chaos/tally.py), and print the table. Exit 1 if anything was lost, ran in a
+subscription it was not published to, or an invariant broke.
 
 A second scenario stops and restarts the emulator under the daemon (the emulator keeps nothing, so
 this one checks survival and recovery, not the ledger).
@@ -22,28 +26,33 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+from chaos import tally
+from chaos.feeds import PROJECT, feeds, split
+from chaos.ledger import Key, Mark, Reader
+from chaos.tally import DeadLetter, Published, Timeline, Window
 from chaos.tasks import FATES_OF, SHAPES
 from consumerd.adapters.pubsub.client import PubSub
 from consumerd.config import PubSubSettings
 from consumerd.testing.emulator import Emulator
+from consumerd.testing.live import to_toml
 from harness.daemon import Daemon
 from harness.procinfo import alive
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT = "chaos"
 ACK_DEADLINE = 10
 SLOW_SECONDS = ACK_DEADLINE + 2  # a "slow" task outlives its first lease: renewals must keep it
 TASK_TIMEOUT = SLOW_SECONDS + 2  # ...while a "hang" is killed
 
 
 class Soak:
-    def __init__(self, messages: int, seed: int, workdir: Path) -> None:
+    def __init__(self, messages: int, seed: int, workdir: Path, subscriptions: int = 2) -> None:
         self.n = messages
         self.rng = random.Random(seed)
         self.dir = workdir
-        self.shapes: dict[str, str] = {}  # message id -> the task it was sent to
-        self.ledger = workdir / "ledger.txt"
+        self.feeds = feeds(subscriptions)
+        self.ledger = Reader(workdir / "ledger.txt")
         self.log = workdir / "daemon.log"
         self.events: list[tuple[float, str]] = []  # (time, what) for the duplicate causes
         self.restarts = 0
@@ -54,51 +63,56 @@ class Soak:
         with Emulator(java_heap="2g") as emulator:
             self.emulator = emulator
             self.adapter = PubSub(PubSubSettings(project=PROJECT, emulator_host=emulator.host))
-            topic, sub, dl_topic, dl_sub = self.setup()
-            fates = self.publish(topic)
-            config = self.write_config(sub, dl_topic)
+            self.setup()
+            published = self.publish()
+            config = self.write_config()
+            began = time.time()
             self.drive(config)
-            dead_lettered = self.read_dead_letters(dl_sub)
-            result = self.tally(fates, dead_lettered)
-            result["emulator_restart"] = self.emulator_restart_scenario(config, topic, sub)
+            dead_letters = {
+                feed.name: self.read_dead_letters(feed.dead_subscription, _rejects(published, feed.name)) for feed in self.feeds
+            }
+            result = self.tally(published, dead_letters, began)
+            result["emulator_restart"] = self.emulator_restart_scenario(config)
         return result
 
     # -- set-up --------------------------------------------------------------------------------
-    def setup(self) -> tuple[str, str, str, str]:
-        names = [f"projects/{PROJECT}/topics/{t}" for t in ("jobs", "jobs-dead")]
-        subs = [f"projects/{PROJECT}/subscriptions/{s}" for s in ("jobs", "jobs-dead")]
-        for topic, sub in zip(names, subs):
-            self.adapter.ensure_topic(topic)
-            self.adapter.ensure_subscription(topic, sub, ACK_DEADLINE)
-        return names[0], subs[0], names[1], subs[1]
+    def setup(self) -> None:
+        for feed in self.feeds:
+            for topic, sub in ((feed.topic, feed.subscription), (feed.dead_topic, feed.dead_subscription)):
+                self.adapter.ensure_topic(topic)
+                self.adapter.ensure_subscription(topic, sub, ACK_DEADLINE)
 
-    def publish(self, topic: str) -> dict[str, str]:
-        publisher = self.adapter.batch_publisher()
+    def publish(self) -> dict[Key, Published]:
+        """N messages of random shapes and fates, dealt to the feeds in the ratio of their weights."""
         shapes = self.rng.choices(list(SHAPES), list(SHAPES.values()), k=self.n)
         chosen = [(shape, self.rng.choices(list(FATES_OF[shape]), list(FATES_OF[shape].values()))[0]) for shape in shapes]
+        targets = [feed for feed, part in zip(self.feeds, split(self.n, [f.weight for f in self.feeds])) for _ in range(part)]
+        self.rng.shuffle(targets)
+        publisher = self.adapter.batch_publisher()
         futures = [
-            (shape, fate, publisher.publish(topic, f"payload {i}".encode(), fate=fate, task=shape))
-            for i, (shape, fate) in enumerate(chosen)
+            (feed, Published(shape, fate), publisher.publish(feed.topic, f"payload {i}".encode(), fate=fate, task=shape))
+            for i, ((shape, fate), feed) in enumerate(zip(chosen, targets))
         ]
-        fates = {}
-        for shape, fate, future in futures:
-            mid = future.result(timeout=60)
-            fates[mid] = fate
-            self.shapes[mid] = shape
+        published = {(feed.name, future.result(timeout=60)): what for feed, what, future in futures}
         publisher.stop()
-        return fates
+        return published
 
-    def write_config(self, sub: str, dl_topic: str) -> Path:
+    def write_config(self) -> Path:
+        settings: dict[str, Any] = {
+            "workers": {"concurrency": 8, "async_concurrency": 20, "task_timeout": TASK_TIMEOUT},
+            "leases": {"ack_deadline": ACK_DEADLINE},
+            "retry": {"min_backoff": 0.5, "max_backoff": 2},
+            "dead_letter": {"topic": self.feeds[0].dead_topic, "max_attempts": 20},
+            "shutdown": {"drain_timeout": 15},
+            "tasks": {"modules": ["chaos.tasks"], "default": "chaos"},
+            "logging": {"format": "json"},
+        }
+        if len(self.feeds) == 1:
+            settings["pubsub"] = {"subscription": self.feeds[0].subscription}
+        else:
+            settings["subscriptions"] = [feed.entry() for feed in self.feeds]
         config = self.dir / "consumerd.toml"
-        config.write_text(
-            f'[pubsub]\nsubscription = "{sub}"\n'
-            f"[workers]\nconcurrency = 8\nasync_concurrency = 20\ntask_timeout = {TASK_TIMEOUT}\n"
-            f"[leases]\nack_deadline = {ACK_DEADLINE}\n"
-            "[retry]\nmin_backoff = 0.5\nmax_backoff = 2\n"
-            f'[dead_letter]\ntopic = "{dl_topic}"\nmax_attempts = 20\n'
-            "[shutdown]\ndrain_timeout = 15\n"
-            '[tasks]\nmodules = ["chaos.tasks"]\ndefault = "chaos"\n[logging]\nformat = "json"\n'
-        )
+        config.write_text(to_toml(settings))
         return config
 
     def env(self) -> dict[str, str]:
@@ -108,7 +122,7 @@ class Soak:
             GOOGLE_CLOUD_PROJECT=PROJECT,
             PYTHONPATH=str(REPO),
             CONSUMERD_METRICS__LISTEN="127.0.0.1:0",  # two daemons run at once in the soak
-            CHAOS_LEDGER=str(self.ledger),
+            CHAOS_LEDGER=str(self.ledger.path),
             CHAOS_SLOW_SECONDS=str(SLOW_SECONDS),
         )
         return env
@@ -172,7 +186,7 @@ class Soak:
         return daemon
 
     def fault_second_daemon(self, daemon: Daemon, config: Path) -> Daemon:
-        self.note("second daemon on the same subscription")
+        self.note("second daemon on the same subscriptions")
         second = self.start(config)
         time.sleep(10)
         terminate(second)
@@ -180,18 +194,14 @@ class Soak:
         return daemon
 
     # -- progress and results ----------------------------------------------------------------
-    def lines(self) -> list[list[str]]:
-        try:
-            return [line.split() for line in self.ledger.read_text().splitlines()]
-        except FileNotFoundError:
-            return []
-
     def settled(self) -> int:
-        return len({parts[0] for parts in self.lines() if parts[3] in ("success", "reject")})
+        self.ledger.update()
+        return len(self.ledger.settled)
 
     def wait_progress(self, fraction: float, daemon: Daemon, everything: bool = False, timeout: float = 900) -> None:
         target = self.n if everything else int(self.n * fraction)
         deadline = time.monotonic() + timeout
+        assert daemon.process is not None
         while self.settled() < target:
             daemon.sample_rss()
             if daemon.process.poll() is not None:
@@ -201,110 +211,109 @@ class Soak:
                 return
             time.sleep(0.2)
 
-    def read_dead_letters(self, dl_sub: str) -> set[str]:
-        found: set[str] = set()
-        while batch := _pull(self.adapter, dl_sub):
-            found |= batch
+    def read_dead_letters(self, dl_sub: str, expected: int) -> list[DeadLetter]:
+        """Every copy on a dead-letter topic. Pulls wait (up to 5 s) while copies of fewer than
+        ``expected`` messages have come; then they take only what is there, which is everything:
+        the daemons have stopped, and a copy is published before its message is acked."""
+        found: list[DeadLetter] = []
+        while batch := _pull(self.adapter, dl_sub, wait=len({d.original_id for d in found}) < expected):
+            found += batch
         return found
 
-    def tally(self, fates: dict[str, str], dead_lettered: set[str]) -> dict:
-        lines = self.lines()
-        successes = Counter(parts[0] for parts in lines if parts[3] == "success")
-        rejected = {mid for mid, fate in fates.items() if fate == "reject"}
-        lost = sorted(mid for mid in fates if mid not in rejected and successes[mid] == 0)
-        duplicates = {mid: n for mid, n in successes.items() if n > 1}
-        deaths = Counter()
-        for line in self.log.read_text(errors="replace").splitlines():
-            if '"worker.exited"' in line:
-                event = json.loads(line)
-                if event.get("level") == "warning":
-                    deaths[_death_cause(event)] += 1
+    def tally(self, published: dict[Key, Published], dead_letters: dict[str, list[DeadLetter]], began: float) -> dict:
+        entries = self.ledger.update()
+        deaths = tally.worker_deaths(self.log)
+        timeline = Timeline(began, self.fault_windows(), deaths)
+        per_subscription = {
+            feed.name: {
+                "weight": feed.weight,
+                **tally.account(feed.name, feed.subscription, published, entries, dead_letters[feed.name], timeline),
+            }
+            for feed in self.feeds
+        }
         return {
-            "published": len(fates),
-            "succeeded": len(successes),
-            "lost": len(lost),
-            "lost_ids": lost[:20],
-            "duplicates": len(duplicates),
-            "duplicate_causes": self.duplicate_causes(duplicates, fates, lines),
-            "rejected_by_tasks": len(rejected),
-            "dead_lettered": len(dead_lettered),
-            "dead_letter_matches_rejects": dead_lettered == rejected,
-            "worker_deaths": dict(deaths),
+            **tally.totals(per_subscription, published, SHAPES),
+            "worker_deaths": dict(Counter(d.cause for d in deaths)),
             "daemon_restarts": self.restarts,
             "orphaned_workers_left_after_sigkill": self.orphans_left,
             "peak_supervisor_rss_mb": round(self.peak_rss_mb, 1),
-            "fates": dict(Counter(fates.values())),
-            "shapes": {shape: dict(Counter(f for mid, f in fates.items() if self.shapes[mid] == shape)) for shape in SHAPES},
+            "subscriptions": per_subscription,
         }
 
-    def duplicate_causes(self, duplicates: dict[str, int], fates: dict[str, str], lines: list[list[str]]) -> dict[str, int]:
-        """Why a message succeeded twice, judged by when its first success was, against the faults."""
-        first_success: dict[str, float] = {}
-        for parts in lines:
-            if parts[3] == "success":
-                first_success.setdefault(parts[0], float(parts[4]))
-        windows = self.fault_windows()
-        causes: Counter[str] = Counter()
-        for mid in duplicates:
-            at = first_success[mid]
-            cause = next((name for name, start, end in windows if start <= at <= end), None)
-            if cause is None:
-                cause = "slow task outlived a lease" if fates[mid] == "slow" else "other"
-            causes[cause] += 1
-        return dict(causes)
-
-    def fault_windows(self) -> list[tuple[str, float, float]]:
-        """(cause, from, to): a success in the window may not have been acked because of the fault."""
+    def fault_windows(self) -> list[Window]:
+        """A success in a fault's window may not have been acked because of the fault."""
         windows = []
         events = dict((what.split(" (")[0], at) for at, what in self.events)
         for at, what in self.events:
             if what.startswith("SIGKILL"):
-                windows.append(("supervisor SIGKILLed after success, before the ack", at - 1.0, at))
+                windows.append(Window("supervisor SIGKILLed after success, before the ack", at - 1.0, at))
             elif what.startswith("emulator frozen"):
                 end = events.get("emulator resumed", at)
-                windows.append(("emulator frozen: acks failed until the lease ran out", at - 1.0, end))
+                windows.append(Window("emulator frozen: acks failed until the lease ran out", at - 1.0, end))
             elif what.startswith("second daemon on"):
-                windows.append(("two daemons on the subscription", at, events.get("second daemon stopped", at)))
+                windows.append(Window("two daemons on the subscriptions", at, events.get("second daemon stopped", at)))
             elif what == "SIGTERM":
-                windows.append(("SIGTERM drain", at - 1.0, at + 1.0))
+                windows.append(Window("SIGTERM drain", at - 1.0, at + 1.0))
         return windows
 
-    def emulator_restart_scenario(self, config: Path, topic: str, sub: str) -> dict:
-        """Stop and restart the emulator under a running daemon: it must survive and resume."""
+    def emulator_restart_scenario(self, config: Path, messages: int = 50) -> dict:
+        """Stop and restart the emulator under a running daemon: it must survive and resume, in
+        every subscription (``messages`` new ones, split evenly)."""
         daemon = self.start(config)
         self.emulator.stop()
         self.note("emulator stopped")
         time.sleep(3)
         self.emulator.start()
         self.adapter = PubSub(PubSubSettings(project=PROJECT, emulator_host=self.emulator.host))
-        self.adapter.ensure_topic(topic)
-        self.adapter.ensure_subscription(topic, sub, ACK_DEADLINE)
-        mark = len(self.lines())  # the new emulator numbers message ids from 1 again
+        for feed in self.feeds:
+            self.adapter.ensure_topic(feed.topic)
+            self.adapter.ensure_subscription(feed.topic, feed.subscription, ACK_DEADLINE)
+        mark = len(self.ledger.update())  # the new emulator numbers message ids from 1 again
         publisher = self.adapter.batch_publisher()
-        ids = {f.result(timeout=60) for f in [publisher.publish(topic, b"after restart", fate="ok") for _ in range(50)]}
+        parts = split(messages, [1] * len(self.feeds))
+        futures = [
+            (feed, publisher.publish(feed.topic, b"after restart", fate="ok")) for feed, n in zip(self.feeds, parts) for _ in range(n)
+        ]
+        keys = {(feed.name, future.result(timeout=60)) for feed, future in futures}
         publisher.stop()
         deadline = time.monotonic() + 120
-        resumed: set[str] = set()
-        while len(resumed) < len(ids) and time.monotonic() < deadline:
-            resumed = {p[0] for p in self.lines()[mark:] if p[3] == "success" and p[0] in ids}
+        resumed: set[Key] = set()
+        while len(resumed) < len(keys) and time.monotonic() < deadline:
+            resumed = {e.key for e in self.ledger.update()[mark:] if e.mark is Mark.SUCCESS and e.key in keys}
             time.sleep(0.2)
-        survived = daemon.process.poll() is None
+        survived = daemon.alive()
         code = terminate(daemon)
         self.note("emulator restart scenario done")
-        return {"survived": survived, "published": len(ids), "resumed": len(resumed), "exit_code": code}
+        by_subscription = {feed.name: sum(1 for name, _ in resumed if name == feed.name) for feed in self.feeds}
+        return {
+            "survived": survived,
+            "published": len(keys),
+            "resumed": len(resumed),
+            "exit_code": code,
+            "resumed_by_subscription": by_subscription,
+        }
 
 
-def _pull(adapter: PubSub, sub: str) -> set[str]:
+def _rejects(published: dict[Key, Published], name: str) -> int:
+    return sum(1 for (sub, _), p in published.items() if sub == name and p.fate == "reject")
+
+
+def _pull(adapter: PubSub, sub: str, wait: bool) -> list[DeadLetter]:
+    """One pull of up to 100 dead-letter copies, acked. ``wait``: up to 5 s for one to come; else
+    only what is there (return_immediately, which the emulator honours)."""
     from google.api_core import exceptions as gexc
 
+    request = {"subscription": sub, "max_messages": 100, "return_immediately": not wait}
     try:
-        response = adapter.subscriber.pull(request={"subscription": sub, "max_messages": 100}, timeout=5, retry=None)
+        response = adapter.subscriber.pull(request=request, timeout=5, retry=None)
     except gexc.DeadlineExceeded:
-        return set()
+        return []
     received = response.received_messages
     if received:
         adapter.subscriber.acknowledge(request={"subscription": sub, "ack_ids": [m.ack_id for m in received]})
-    return {m.message.attributes["consumerd_original_message_id"] for m in received}
+    return [
+        DeadLetter(m.message.attributes["consumerd_original_message_id"], m.message.attributes["consumerd_subscription"]) for m in received
+    ]
 
 
 def terminate(daemon: Daemon) -> int:
@@ -315,28 +324,18 @@ def terminate(daemon: Daemon) -> int:
     return daemon.process.returncode
 
 
-def _death_cause(event: dict) -> str:
-    """From the typed fields of a worker.exited event: why we killed it, else its exit code or signal."""
-    if event.get("kill_reason") == "timeout":
-        return "timeout (killed)"
-    code = event.get("exit_code")
-    if isinstance(code, int) and code < 0:
-        return {-signal.SIGKILL: "SIGKILL", -signal.SIGSEGV: "segfault"}.get(code, f"signal {-code}")
-    if isinstance(code, int):
-        return f"exited with code {code}"
-    return "other"
-
-
 def print_table(r: dict) -> None:
     rows = [
         ("published", r["published"]),
         ("succeeded (unique)", r["succeeded"]),
         ("LOST (published, not rejected, never succeeded)", r["lost"]),
+        ("ran in a subscription it was not published to", r["strays"]),
         ("succeeded more than once", f"{r['duplicates']} {r['duplicate_causes']}"),
         (
             "rejected by tasks / dead-lettered",
             f"{r['rejected_by_tasks']} / {r['dead_lettered']} (match: {r['dead_letter_matches_rejects']})",
         ),
+        *((f"  {name} (weight {one['weight']})", _subscription_row(one)) for name, one in r["subscriptions"].items()),
         ("worker deaths by cause", r["worker_deaths"]),
         ("daemon restarts", r["daemon_restarts"]),
         ("orphaned workers left after SIGKILL", r["orphaned_workers_left_after_sigkill"]),
@@ -349,20 +348,30 @@ def print_table(r: dict) -> None:
         print(f"  {name:<{width}}  {value}")
 
 
+def _subscription_row(one: dict) -> str:
+    return (
+        f"published {one['published']}, succeeded {one['succeeded']}, lost {one['lost']}, strays {one['strays']}, "
+        f"rejected {one['rejected_by_tasks']} / dead-lettered {one['dead_lettered']} (match: {one['dead_letter_matches_rejects']}), "
+        f"more than once {one['duplicates']}, last settled at {one['last_settled_s']} s"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--subscriptions", type=int, default=2, help="topics and subscriptions the messages are split between")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="consumerd-chaos-"))
-    print(f"chaos soak: {args.messages} messages, seed {args.seed}, files in {workdir}", flush=True)
-    result = Soak(args.messages, args.seed, workdir).run()
+    print(f"chaos soak: {args.messages} messages, {args.subscriptions} subscriptions, seed {args.seed}, files in {workdir}", flush=True)
+    result = Soak(args.messages, args.seed, workdir, args.subscriptions).run()
     print_table(result)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     broken = (
         result["lost"] > 0
+        or result["strays"] > 0
         or not result["dead_letter_matches_rejects"]
         or result["orphaned_workers_left_after_sigkill"] > 0
         or not result["emulator_restart"]["survived"]

@@ -1,7 +1,7 @@
 """The soak's task. Each message's `fate` attribute says how its first run misbehaves; later runs
-succeed (a `reject` never does). Every run appends `message_id attempt pid event` to the ledger
-(CHAOS_LEDGER, with a wall-clock time), a file the daemon does not own: `start` before the work,
-`success` just before returning, `reject` before raising Reject. A run that crashes leaves only its `start`.
+succeed (a `reject` never does). Every run records itself in the ledger (chaos/ledger.py), with the
+subscription it was delivered from: `start` before the work, `success` just before returning, `reject`
+before raising Reject. A run that crashes leaves only its `start`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import signal
 import time
 
+from chaos.ledger import Mark, record, runs_started
 from consumerd import BatchResult, Message, Reject, task
 
 SHAPES = {"chaos": 0.7, "chaos_async": 0.15, "chaos_batch": 0.15}  # task: share of messages
@@ -50,31 +51,16 @@ BATCH_FATES = {  # for the batch task (10 per call): one message's fate is its b
 FATES_OF = {"chaos": FATES, "chaos_async": ASYNC_FATES, "chaos_batch": BATCH_FATES}
 
 
-def _ledger_line(msg: Message, event: str) -> None:
-    line = f"{msg.message_id} {msg.delivery_attempt or 0} {os.getpid()} {event} {time.time():.3f}\n".encode()
-    fd = os.open(os.environ["CHAOS_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
-
-
 def _first_run(msg: Message) -> bool:
-    try:
-        with open(os.environ["CHAOS_LEDGER"], "rb") as handle:
-            needle = f"{msg.message_id} ".encode()
-            starts = sum(1 for line in handle if line.startswith(needle) and b" start " in line)
-    except FileNotFoundError:
-        starts = 0
-    return starts <= 1  # this run's own start is already written
+    return runs_started(msg) <= 1  # this run's own start is already recorded
 
 
 def _begin(msg: Message) -> str | None:
     """Record the start; a reject raises here; returns the fate to act out now, if any."""
-    _ledger_line(msg, "start")
+    record(msg, Mark.START)
     fate = msg.attributes.get("fate", "ok")
     if fate == "reject":
-        _ledger_line(msg, "reject")
+        record(msg, Mark.REJECT)
         raise Reject("chaos: rejected on purpose")
     return fate if fate != "ok" and _first_run(msg) else None
 
@@ -83,7 +69,7 @@ def _begin(msg: Message) -> str | None:
 def chaos(msg: Message) -> None:
     if fate := _begin(msg):
         misbehave(fate)
-    _ledger_line(msg, "success")
+    record(msg, Mark.SUCCESS)
 
 
 def misbehave(fate: str) -> None:
@@ -123,13 +109,13 @@ async def chaos_async(msg: Message) -> None:
             await asyncio.sleep(float(os.environ.get("CHAOS_SLOW_SECONDS", "12")))
         else:
             misbehave(fate)
-    _ledger_line(msg, "success")
+    record(msg, Mark.SUCCESS)
 
 
 @task("chaos_batch", batch_size=10, batch_wait=0.2)
 def chaos_batch(msgs: list[Message]) -> BatchResult:
     for msg in msgs:
-        _ledger_line(msg, "start")
+        record(msg, Mark.START)
     first = {m.message_id: _first_run(m) for m in msgs}
     fates = {m.message_id: m.attributes.get("fate", "ok") for m in msgs}
     for fate in ("slow", "raise", "exit", "sigkill"):  # what happens to one happens to its whole batch
@@ -139,10 +125,10 @@ def chaos_batch(msgs: list[Message]) -> BatchResult:
     for msg in msgs:
         fate = fates[msg.message_id]
         if fate == "reject":
-            _ledger_line(msg, "reject")
+            record(msg, Mark.REJECT)
             result.reject(msg, "chaos: rejected on purpose")
         elif fate == "partial" and first[msg.message_id]:
             result.fail(msg, RuntimeError("chaos: this message of the batch failed"))
         else:
-            _ledger_line(msg, "success")
+            record(msg, Mark.SUCCESS)
     return result
