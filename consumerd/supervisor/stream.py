@@ -94,7 +94,11 @@ class Stream:
         return self.backlog.running_count()
 
     def refill(self, concurrency: int, now: float) -> None:
-        """Ask for more messages: for as many workers as it may use (its cap, else all of them)."""
+        """Ask for more messages: for as many workers as it may use (its cap, else all of them).
+        Each subscription keeps a backlog ready for the whole pool, so it has a message at hand
+        whenever its share frees a slot (a backlog that ran dry between pulls would lend its slots
+        to the others: the weights would not hold). The cost: a daemon holds that much per
+        subscription (about one pull and prefetch each)."""
         if self.paused or not self.pulling:
             return
         workers = min(concurrency, self.share.cap) if self.share.cap else concurrency

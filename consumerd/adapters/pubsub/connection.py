@@ -63,7 +63,7 @@ def connect(
             raise ConfigError(f"publish.topics: {settings.pubsub.topic_path(topic)} does not exist")
     log.info(
         "pubsub.subscribed",
-        subscription=info.path,
+        path=info.path,
         ack_deadline=info.ack_deadline,
         dead_letter=bool(info.dead_letter_topic),
         exactly_once=info.exactly_once,
