@@ -45,7 +45,15 @@ OnError = Callable[[str, Exception, InFlight | None], None]
 
 
 class Intake:
-    def __init__(self, settings: Settings, settler: Settler, backlog: Backlog, on_error: OnError, throttle: Throttle | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        settler: Settler,
+        backlog: Backlog,
+        on_error: OnError,
+        throttle: Throttle | None = None,
+        task_seconds: Ewma | None = None,
+    ) -> None:
         self.settings = settings  # replaced on reload
         self.settler = settler
         self.backlog = backlog
@@ -56,7 +64,9 @@ class Intake:
         self.task_names: frozenset[str] = frozenset()  # known once the fork server imported the modules
         self.lease_deadline = 10  # the subscription's ack deadline: what a pulled message holds
         self.requested = 0  # messages asked of the pull in flight
-        self.task_seconds = Ewma()  # how long tasks take: sizes the prefetch buffer
+        # How long tasks take (sizes the prefetch and the queue behind a running job): the pool's, shared
+        # by every subscription, so a quiet one knows what its first message may queue behind.
+        self.task_seconds = task_seconds if task_seconds is not None else Ewma()
         self._next_prune = 0.0
         self._last_tick = float("inf")  # set by the first tick
         self._stall: tuple[float, float] | None = None  # the last time the loop did not run: (start, end)
@@ -163,7 +173,7 @@ class Intake:
         taking the worker it needs. Returns the calls started; the caller flushes the pool."""
         started = 0
         deferred: list[InFlight] = []
-        self.throttled = set()
+        self.throttled = self.throttle.still_waiting(self.throttled, now)  # those whose token is not due yet
         blocked: set[Mode] = set()
         self.batch_due = None
         # Only the kinds of task that have messages waiting: once they all found no worker, the

@@ -29,6 +29,7 @@ from consumerd.errors import ExitCode
 from consumerd.ipc.held import InFlight
 from consumerd.ipc.records import Outcome
 from consumerd.logsetup import get_logger
+from consumerd.policy.flow import Ewma
 from consumerd.pool.handles import EXIT_CAUSES, KillReason, PoolEvent, WorkerExited, WorkerResult, WorkerStarted
 from consumerd.pool.pool import ForkServerDied, fork_server_spec
 from consumerd.supervisor.codereload import CodeReload
@@ -84,9 +85,9 @@ class Supervisor:
         self.counters = Counters()  # the daemon's own (errors the safety net caught); each subscription counts its messages
         self.metrics = Metrics(__version__, lambda: self.streams.rpc_counts(), EXIT_CAUSES) if settings.metrics.listen else NullMetrics()
         self.safety = SafetyNet(self.settler_of, self.counters, self.log, clock, self.on_errors_exhausted)
-        throttle = Throttle(settings, self.metrics)  # the host's rate limits, every subscription's messages
+        throttle, durations = Throttle(settings, self.metrics), Ewma()  # the host's rate limits and task lengths: shared
         streams = [
-            Stream(spec, self.components, self.metrics.for_subscription(spec.name), self.log, self.safety.caught, throttle)
+            Stream(spec, self.components, self.metrics.for_subscription(spec.name), self.log, self.safety.caught, throttle, durations)
             for spec in settings.streams()
         ]
         self.streams = Streams(streams, settings, throttle, self.log, self.metrics)

@@ -28,6 +28,7 @@ from consumerd.ipc.inbox import Inbox
 from consumerd.ipc.records import TaskOptions
 from consumerd.policy.backlog import Backlog
 from consumerd.policy.fairshare import Share, next_turn
+from consumerd.policy.flow import Ewma
 from consumerd.pool.pool import Pool, WorkerExited
 from consumerd.supervisor.components import Components
 from consumerd.supervisor.intake import Intake, OnError
@@ -37,7 +38,14 @@ from consumerd.supervisor.throttle import Throttle
 
 class Stream:
     def __init__(
-        self, spec: StreamSettings, components: Components, metrics: MetricsSink, log: BoundLogger, on_error: OnError, throttle: Throttle
+        self,
+        spec: StreamSettings,
+        components: Components,
+        metrics: MetricsSink,
+        log: BoundLogger,
+        on_error: OnError,
+        throttle: Throttle,
+        task_seconds: Ewma,
     ) -> None:
         self.path = spec.path
         self.name = spec.name
@@ -49,7 +57,7 @@ class Stream:
         self.backlog = Backlog(max_running_bytes=spec.settings.flow.max_inflight_bytes)
         self.counters = Counters()
         self.settler = Settler.of(spec.settings, self.io, self.backlog, self.counters, self.log, metrics)
-        self.intake = Intake(spec.settings, self.settler, self.backlog, on_error, throttle)
+        self.intake = Intake(spec.settings, self.settler, self.backlog, on_error, throttle, task_seconds)
         self.share = Share(spec.weight, spec.max_concurrency)
         self.paused = False  # `consumerd pause [--subscription]`: no pulls; what is here runs on
         self.pulling = True  # False once drained: its puller stopped for good

@@ -77,6 +77,11 @@ class Throttle:
         self.metrics.rate_limit_waited(inflight.task, max(0.0, now - inflight.received_at))
         return True
 
+    def still_waiting(self, tasks: set[str], now: float) -> set[str]:
+        """Those of ``tasks`` (that found no token) whose next token is not due at ``now``: a pass
+        skips their messages; the others are tried again."""
+        return {task for task in tasks if (due := self.limiter.wait_until(task, now)) is not None and due > now}
+
     def due(self, tasks: set[str], now: float) -> float | None:
         """When a token is next due for one of ``tasks`` (those that found none)."""
         times = [t for t in (self.limiter.wait_until(task, now) for task in tasks) if t is not None]

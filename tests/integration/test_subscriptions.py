@@ -177,3 +177,18 @@ def test_a_subscription_deleted_mid_run_is_logged_and_counted_while_the_others_g
     address = daemon.select("metrics.listening")[0]["address"]
     text = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
     assert 'consumerd_rpc_errors_total{code="NOT_FOUND",rpc="pull"}' in text
+
+
+def test_a_quiet_subscription_is_not_starved_by_a_flood_of_short_tasks(broker, topic_sub, streams_daemon, tmp_path):
+    (t_flood, s_flood), (t_quiet, s_quiet) = topic_sub(), topic_sub()
+    flood = broker.publish(t_flood, 300, seconds="0.02")  # short tasks: each worker has one queued behind the running one
+    daemon = streams_daemon([{"name": s_flood}, {"name": s_quiet}], concurrency=2)
+    wait_until(lambda: done_by(tmp_path).get(s_flood.rpartition("/")[2], 0) >= 20, 30, "the flood under way")
+    quiet = broker.publish(t_quiet, 5, seconds="0")
+    published = time.time()
+    done = {e["message_id"]: e for e in daemon.wait_for_ids("message.done", set(quiet), timeout=30)}
+    flood_left = len(flood) - done_by(tmp_path).get(s_flood.rpartition("/")[2], 0)
+    assert flood_left > 0  # the quiet ones ran during the flood, not after it
+    for mid in quiet:
+        finished = next(t for e, m, _, t in ledger(tmp_path) if e == "done" and m == mid)
+        assert finished - published < 2.0, (mid, finished - published)

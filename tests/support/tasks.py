@@ -229,13 +229,18 @@ def huge_error_once(msg: Message) -> None:
 def escape_setsid(msg: Message) -> None:
     """Start a grandchild in a session of its own (as daemonising libraries do), then return."""
     record("start", msg)
+    recorded, wrote = os.pipe()
     child = os.fork()
     if child == 0:
         os.setsid()
         if os.fork() == 0:
             record(f"grandchild={os.getpid()}", msg)
+            os.write(wrote, b"x")
             os.execvp("sleep", ["sleep", "300"])
+        os.read(recorded, 1)  # its pid is in the ledger before it can be reaped and killed
         os._exit(0)  # the grandchild is reparented to the nearest subreaper: the fork server
+    os.close(wrote)
+    os.close(recorded)
     os.waitpid(child, 0)
     record(f"parent_exited={time.time()}", msg)
     if msg.attributes.get("linger"):
