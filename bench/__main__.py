@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import ratelimit, subscriptions
 from bench.runner import Run, Runner
 from bench.targets import targets
 from bench.tasks import calibrate
@@ -81,6 +82,10 @@ def main() -> int:
         scaling = runner.scaling([1, 2, 4, 8, 16, 32, 64], quick=args.quick)
         idle = runner.idle_to_busy(cores)
         lease = runner.lease_renewals()
+        reload = runner.code_reload(4 * cores, quick=args.quick)
+        scenarios = subscriptions.Scenarios(emulator.host, cores, quick=args.quick)
+        streams = scenarios.run()
+        limit = ratelimit.rate_limits(scenarios)
     summary = summarize(records)
     result = {
         "machine": {"cores": cores, "python": sys.version.split()[0], "iters_per_ms": int(iters)},
@@ -92,8 +97,11 @@ def main() -> int:
         "scaling": scaling,
         "idle_to_busy": idle,
         "lease_renewal": lease,
+        "code_reload": reload,
+        "subscriptions": streams,
+        "rate_limit": limit,
     }
-    result["targets"] = targets(summary, scaling, idle, lease, cores, records)
+    result["targets"] = targets(summary, scaling, idle, lease, cores, records, reload, streams, limit)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
@@ -161,6 +169,14 @@ def print_table(result: dict) -> None:
     print(
         f"idle to busy: start p50 {idle['start_latency_ms_p50']:.0f} ms, p99 {idle['start_latency_ms_p99']:.0f} ms; idle CPU {idle['idle_cpu_percent']:.2f} % of a core"
     )
+    reload = result["code_reload"]
+    print(
+        f"code reload under load (c={reload['concurrency']}, 50-150 ms tasks): new code served "
+        f"{', '.join(str(r['ready_s']) for r in reload['reloads'])} s after SIGHUP; longest gap in completions "
+        f"{reload['longest_gap_ms']:.0f} ms (steady state {reload['steady_longest_gap_ms']:.0f} ms)"
+    )
+    for line in [*subscriptions.lines(result["subscriptions"]), *ratelimit.lines(result["rate_limit"])]:
+        print(line)
     print("\nRSS, supervisor + workers (consumerd) or the whole process (others), MB:")
     for s in sorted(result["summary"], key=lambda s: (s["workload"], s["contender"])):
         if s["workload"] in ("aio100", "io100"):

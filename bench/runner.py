@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -130,14 +131,21 @@ class Runner:
         return ready_ts, usage
 
     def _config(
-        self, sub: str, concurrency: int, mtpc: int, ack_deadline: int = 60, task: str = "bench", async_concurrency: int = 100
+        self,
+        sub: str,
+        concurrency: int,
+        mtpc: int,
+        ack_deadline: int = 60,
+        task: str = "bench",
+        async_concurrency: int = 100,
+        module: str = "bench.tasks",
     ) -> Path:
         path = Path(tempfile.mktemp(prefix="bench-", suffix=".toml"))
         path.write_text(
             f'[pubsub]\nsubscription = "{sub}"\n'
             f"[workers]\nconcurrency = {concurrency}\nmax_tasks_per_child = {mtpc}\nasync_concurrency = {async_concurrency}\n"
             f"[leases]\nack_deadline = {ack_deadline}\n"
-            f'[tasks]\nmodules = ["bench.tasks"]\ndefault = "{task}"\n[logging]\nformat = "json"\n'
+            f'[tasks]\nmodules = ["{module}"]\ndefault = "{task}"\n[logging]\nformat = "json"\n'
         )
         return path
 
@@ -198,6 +206,61 @@ class Runner:
         result = {"messages": 64, "task_seconds": 15, "ack_deadline": 10, "modack_rpcs": modacks, "renewal_ticks": ticks}
         print(f"  lease renewals: {result}", flush=True)
         return result
+
+    def code_reload(self, concurrency: int, quick: bool) -> dict[str, Any]:
+        """The cost of a reload: a backlog of 50-150 ms tasks keeps ``concurrency`` workers busy while
+        the task module changes and SIGHUP brings the new code, twice. How soon the new code served,
+        and the longest gap between two completions around each reload (the target: one task's length,
+        100 ms on average), beside the longest before any reload."""
+        n = 800 if quick else 2000
+        topic, sub = self._fresh_subscription()
+        out = Path(tempfile.mktemp(prefix="bench-", suffix=".txt"))
+        code = Path(tempfile.mkdtemp(prefix="bench-reload-"))
+        write_reload_module(code, 1)
+        self._publish_backlog(topic, Run("consumerd", "io_mixed", n))
+        env = self._env(out) | {"PYTHONPATH": f"{REPO}:{code}"}
+        events = frozenset({"daemon.ready", "daemon.stopped", "code.ready"})
+        daemon = Daemon(self._config(sub, concurrency, 0, module="bench_reload"), env, only=events).start()
+        reloads = []
+        try:
+            daemon.wait_ready()
+            for generation, share in ((2, 0.2), (3, 0.5)):  # a fifth of the backlog done, then half
+                _wait_for_lines(out, int(n * share), daemon)
+                write_reload_module(code, generation)
+                mark, sent_at, sent = daemon.mark(), time.time(), time.monotonic()
+                daemon.signal(signal.SIGHUP)
+                [ready] = daemon.wait_for("code.ready", since=mark, timeout=60)
+                reloads.append({"sent_at": sent_at, "ready_s": round(time.monotonic() - sent, 3), "fork_server_s": ready["took_s"]})
+            _wait_for_lines(out, n, daemon)
+        finally:
+            stopped = daemon.stop()
+            self._delete(topic, sub)
+        ends = sorted(end for _, _, end, _cpu in _read(out))
+        windows = [(r["sent_at"] - 1.0, r["sent_at"] + r["ready_s"] + 2.0) for r in reloads]
+        result = {
+            "messages": n,
+            "concurrency": concurrency,
+            "task_ms": 100,
+            "reloads": [{k: v for k, v in r.items() if k != "sent_at"} for r in reloads],
+            "longest_gap_ms": round(max(longest_gap(ends, lo, hi) for lo, hi in windows) * 1000, 1),
+            "steady_longest_gap_ms": round(longest_gap(ends, ends[len(ends) // 10], windows[0][0]) * 1000, 1),  # before the first
+            "nacked_unstarted": (stopped or {}).get("nacked_unstarted"),
+            "duplicates": len(ends) - len({mid for mid, _, _, _ in _read(out)}),
+        }
+        print(f"  code reload: {result}", flush=True)
+        return result
+
+
+def write_reload_module(directory: Path, generation: int) -> None:
+    """The task module of the reload scenario: the bench tasks, and a line that changes (its size too)."""
+    text = f"import bench.tasks  # noqa: F401  (registers the bench tasks)\n\nGENERATION = {generation}  # {'x' * generation}\n"
+    (directory / "bench_reload.py").write_text(text)
+
+
+def longest_gap(ends: list[float], start: float, end: float) -> float:
+    """The longest time between two consecutive completions (sorted ``ends``) from ``start`` to ``end``."""
+    inside = [t for t in ends if start <= t <= end]
+    return max((b - a for a, b in zip(inside, inside[1:])), default=0.0)
 
 
 def create_subscription(adapter: PubSub, project: str, name: str, ack_deadline: int) -> tuple[str, str]:

@@ -20,6 +20,9 @@ WORKLOADS = {
     "cpu20": (["cpu20"], "CPU-bound, 20 ms of pure Python"),
     "tail": (["cpu10"] * 9 + ["sleep1000"], "heavy tail: 90 % 10 ms CPU, 10 % 1 s sleep"),
     "io100": (["sleep100"], "I/O-bound, 100 ms sleep"),
+    # The reload scenario: lengths that differ keep the workers out of step, so a gap in completions
+    # is the reload's, not a backlog of equal tasks ending all at once every 100 ms.
+    "io_mixed": (["sleep50", "sleep125", "sleep75", "sleep150", "sleep100"], "I/O-bound, 50-150 ms sleeps (100 ms on average)"),
     "aio100": (["sleep100"], "I/O-bound, 100 ms sleep; consumerd runs it as an async def task"),
     "batch": (["noop"], "no-op; consumerd runs it as a batch task, 500 messages per call"),
 }
@@ -71,6 +74,12 @@ def record(message_id: str, publish_ts: float, cpu_s: float = 0.0) -> None:
 def bench(msg: Message) -> None:
     cpu_s = work(msg.attributes["kind"])
     record(msg.message_id, msg.publish_time.timestamp() if msg.publish_time else 0.0, cpu_s)
+
+
+@task("bench_limited")
+def bench_limited(msg: Message) -> None:
+    """The bench task under a name of its own, so a rate limit can apply to it alone (bench/ratelimit.py)."""
+    bench(msg)
 
 
 @task("bench_async")
