@@ -83,6 +83,7 @@ class ResultReader:
         self._rules = rules
         self._buffer = bytearray()
         self._outputs: dict[int, list[Output]] = {}
+        self._bytes: dict[int, int] = {}  # their sizes, per seq
         self.ready: collections.deque[Result] = collections.deque()
 
     def feed(self, data: bytes) -> None:
@@ -108,11 +109,13 @@ class ResultReader:
     def _hold(self, output: Output) -> None:
         held = self._outputs.setdefault(output.seq, [])
         held.append(output)
-        if len(held) > self._rules.max_outputs or sum(o.size for o in held) > self._rules.max_bytes:
+        self._bytes[output.seq] = self._bytes.get(output.seq, 0) + output.size
+        if len(held) > self._rules.max_outputs or self._bytes[output.seq] > self._rules.max_bytes:
             raise OutputsTooLarge(f"outputs of job {output.seq} exceed {self._rules.max_outputs} or {self._rules.max_bytes} bytes")
 
     def _done(self, result: Result) -> None:
         outputs = self._outputs.pop(result.seq, [])
+        self._bytes.pop(result.seq, None)
         if outputs and result.outcome is Outcome.SUCCESS:
             result = dataclasses.replace(result, outputs=tuple(outputs))
         self.ready.append(result)

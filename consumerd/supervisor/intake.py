@@ -51,14 +51,14 @@ class Intake:
         settler: Settler,
         backlog: Backlog,
         on_error: OnError,
-        throttle: Throttle | None = None,
-        task_seconds: Ewma | None = None,
+        throttle: Throttle,
+        task_seconds: Ewma,
     ) -> None:
         self.settings = settings  # replaced on reload
         self.settler = settler
         self.backlog = backlog
         self.on_error = on_error
-        self.throttle = throttle if throttle is not None else Throttle(settings, settler.metrics)  # the host's rate limits
+        self.throttle = throttle  # the host's rate limits, shared by every subscription
         self.throttled: set[str] = set()  # limited tasks whose next message found no token in the last pass
         self.router = Router(settings.tasks.route_attribute, settings.tasks.default)
         self.task_names: frozenset[str] = frozenset()  # known once the fork server imported the modules
@@ -66,7 +66,7 @@ class Intake:
         self.requested = 0  # messages asked of the pull in flight
         # How long tasks take (sizes the prefetch and the queue behind a running job): the pool's, shared
         # by every subscription, so a quiet one knows what its first message may queue behind.
-        self.task_seconds = task_seconds if task_seconds is not None else Ewma()
+        self.task_seconds = task_seconds
         self._next_prune = 0.0
         self._last_tick = float("inf")  # set by the first tick
         self._stall: tuple[float, float] | None = None  # the last time the loop did not run: (start, end)

@@ -65,7 +65,6 @@ class Stream:
     # -- start-up ------------------------------------------------------------------------------
     def set_tasks(self, tasks: dict[str, TaskOptions]) -> None:
         self.intake.set_tasks(tasks)
-        self.settings.check_task_names(self.intake.task_names)  # its own tasks.default must exist
 
     def connect(self, clock: Callable[[], float], wait_or_stop: Callable[[float], bool]) -> bool:
         """Check the subscription exists (ConfigError naming it if not); False if asked to stop."""
@@ -173,8 +172,8 @@ class Streams:
 
     # -- start-up ------------------------------------------------------------------------------
     def set_tasks(self, tasks: dict[str, TaskOptions]) -> None:
-        """The task table of the code the workers run: every subscription's, checked against its
-        own tasks.default (ConfigError)."""
+        """The task table of the code the workers run, for every subscription (`check_tasks` vetted
+        it first, against the settings it will run with)."""
         for stream in self.all:
             stream.set_tasks(tasks)
         self.throttle.set_tasks(tasks, self.settings)
