@@ -122,9 +122,11 @@ run: venv emulator
 # The system tests (guests booting, apt, a fleet) mostly wait, and so do the integration tests: they
 # run side by side, each suite in order (guests share this machine's loopback: one at a time).
 # Exit status 5 (nothing collected, e.g. PYTEST_ARGS=-k for one suite only) is not a failure.
-# Integration tests that mostly wait (leases, drains, floods, outages): a second pytest process runs
-# them beside the rest, and the system tests beside both; each process starts its own emulator.
-WAITING_TESTS := $(addprefix tests/integration/,test_probe_flood.py test_flow.py test_code_reload.py \
+# Integration tests that mostly wait (leases, drains, outages): a second pytest process runs them
+# beside the rest, and the system tests beside both; each process starts its own emulator. The
+# probe flood stays in the first: it times probes under its own flood, so it must not share the
+# cores with the chaos soak (it did once here: a probe took 1.17 s against its 1 s bound).
+WAITING_TESTS := $(addprefix tests/integration/,test_flow.py test_code_reload.py \
 	test_outage.py test_shutdown.py test_hardening.py test_delivery.py)
 
 test: venv emulator systemd-sandbox monitoring redis
