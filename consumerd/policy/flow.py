@@ -17,12 +17,13 @@ def pull_size(concurrency: int, busy: int, buffered: int, requested: int, *, pre
     return max(0, min(free, max_per_pull))
 
 
-def prefetch_allowance(concurrency: int, mean_task_seconds: float | None, horizon: float = 0.5, cap: int = 100) -> int:
+def prefetch_allowance(concurrency: int, mean_task_seconds: float | None, horizon: float = 2.0, cap: int = 200) -> int:
     """Messages that may wait beyond the free workers: as many as the pool starts within ``horizon``.
 
     Short tasks get a deep buffer (no worker waits on a pull round trip, and pulls come fewer and
-    fuller, which costs Pub/Sub less per message); tasks as long as the horizon get none, so no
-    message sits leased here while other consumers could run it. Unknown duration: none.
+    fuller: each RPC costs Pub/Sub, and the emulator on the bench's own cores, far more than a
+    message in it); tasks as long as the horizon get none, so no message sits leased here while
+    other consumers could run it. Unknown duration: none.
     """
     if mean_task_seconds is None or mean_task_seconds >= horizon:
         return 0

@@ -271,14 +271,15 @@ class Intake:
             return 0  # the byte budget is spent: pull again when messages are done
         prefetch = prefetch_allowance(concurrency, self.task_seconds.value)
         per_worker = self.worker_capacity(now)
-        # Copies being dead-lettered hold leases too: they count as busy. A pull brings at most 1,000.
+        # Copies being dead-lettered hold leases too: they count as busy. A pull brings 200 (at most
+        # 1,000 for coroutines or batches): an RPC costs Pub/Sub more than the messages in it.
         n = pull_size(
             concurrency * per_worker,
             busy + forwarding,
             len(self.backlog) - self.waiting_for_tokens(),
             self.requested,
             prefetch=prefetch,
-            max_per_pull=min(1000, max(100, per_worker)),
+            max_per_pull=min(1000, max(200, per_worker)),
         )
         self.requested += n
         return n

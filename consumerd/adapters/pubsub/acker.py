@@ -39,13 +39,14 @@ class Acker:
         backoff: Backoff = Backoff(base=0.1, cap=5.0),
         give_up_after: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
-        linger: float = 0.25,
+        linger: float = 1.0,
         max_batch: int = 1000,
         labels: Mapping[str, str] | None = None,  # on every log line: the subscription it serves
     ) -> None:
         # Seconds to wait for more requests before sending: fewer, fuller RPCs, which cost Pub/Sub
         # and the supervisor less per message. An ack sent that much later holds its lease that much
-        # longer; a drain's flush() does not wait for it.
+        # longer (leases are renewed with >= 4 s to spare, so it never lapses meanwhile), and a
+        # daemon killed outright within it gets those messages again; a drain's flush() does not wait.
         self._linger = linger
         self._max_batch = max_batch
         self._ack = ack
