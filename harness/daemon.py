@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -57,22 +56,19 @@ class Daemon:
         self.process: subprocess.Popen[str] | None = None
 
     def start(self) -> Daemon:
+        command = [*self.command, "run", "--config", str(self.config), *self.run_args]
         self.process = subprocess.Popen(
-            [*self.command, "run", "--config", str(self.config), *self.run_args],
+            with_nofile(command, self.nofile) if self.nofile else command,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
             env=self.env,
             cwd=self.cwd,
-            preexec_fn=self._limit if self.nofile else None,
         )
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
         return self
-
-    def _limit(self) -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def _read_stdout(self) -> None:
         assert self.process and self.process.stdout
@@ -223,6 +219,17 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# Sets RLIMIT_NOFILE, then becomes the command. Not a preexec_fn: that runs Python between fork and
+# exec in a child of this process, which holds live gRPC clients (the tests' broker), and gRPC's
+# fork handlers restart its poller there, which aborts once the child closes its descriptors.
+_WITH_NOFILE = "import os, resource, sys; n = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); os.execvp(sys.argv[2], sys.argv[2:])"
+
+
+def with_nofile(command: list[str], nofile: int) -> list[str]:
+    """``command``, run with ``nofile`` as its descriptor limit (soft and hard)."""
+    return [sys.executable, "-c", _WITH_NOFILE, str(nofile), *command]
 
 
 def daemon_env(emulator_host: str, ledger_dir: Path, **extra: str) -> dict[str, str]:

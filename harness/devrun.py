@@ -79,11 +79,16 @@ def start_daemon(config: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
     path = os.path.join(RUN_DIR, "notify.sock")
     notify.bind(path)
     env = dict(os.environ, NOTIFY_SOCKET=path, CONSUMERD_CONTROL__SOCKET=CONTROL_SOCKET)
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "consumerd", "run", "--config", config, *(["--reload"] if can_reload() else [])],
-        env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # The daemon must get Ctrl-C, which we ignore: a handled signal is reset to its default at exec,
+    # an ignored one stays ignored. Not a preexec_fn: this process ran `consumerd setup` (gRPC), and
+    # Python run between fork and exec in its child can abort in gRPC's fork handlers.
+    ignoring = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "consumerd", "run", "--config", config, *(["--reload"] if can_reload() else [])], env=env
+        )
+    finally:
+        signal.signal(signal.SIGINT, ignoring)
     return daemon, notify
 
 

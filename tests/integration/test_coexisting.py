@@ -61,7 +61,9 @@ def test_two_daemons_on_the_default_address_both_start_and_each_is_in_its_file_s
             daemons[-1].wait_ready()  # one after the other: the first gets 9464, unless something else on this host has it
         first, second = (d.wait_for("metrics.listening")[0] for d in daemons)
         assert first["requested"] == second["requested"] == DEFAULT
-        assert second["address"] != DEFAULT and second["address"] != first["address"]  # the second fell back
+        # Both asked for 9464 and serve on different addresses: at least one fell back. Which one is
+        # not fixed: a system test's guest shares this loopback, and its daemon may hold 9464 for a while.
+        assert second["address"] != first["address"]
         for name, sub, event in zip(names, subscriptions, (first, second)):
             exposition = urllib.request.urlopen(f"http://{event['address']}/metrics", timeout=5).read().decode()
             assert f'consumerd_build_info{{version="{consumerd.__version__}"}} 1.0' in exposition

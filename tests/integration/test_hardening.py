@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from consumerd.supervisor.descriptors import BASE_FDS
-from harness.daemon import REPO, Daemon, daemon_env
+from harness.daemon import REPO, Daemon, daemon_env, with_nofile
 from harness.procinfo import alive, process_table
 from tests.support.pubsub import toml
 
@@ -56,15 +55,14 @@ def test_a_5_mb_exception_message_reaches_the_supervisor_cut_to_4_kib(broker, to
 def _run(tmp_path: Path, emulator_host: str, settings: dict, *args: str, nofile: int | None = None) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "c.toml"
     config.write_text(toml(settings))
-    limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None
+    command = [sys.executable, "-m", "consumerd", *args, "--config", str(config)]
     return subprocess.run(
-        [sys.executable, "-m", "consumerd", *args, "--config", str(config)],
+        with_nofile(command, nofile) if nofile else command,
         capture_output=True,
         text=True,
         timeout=60,
         env=daemon_env(emulator_host, tmp_path),
         cwd=REPO,
-        preexec_fn=limit,
     )
 
 
