@@ -33,11 +33,15 @@ class SignalQueue:
     def record(self, signum: int, _frame: object = None) -> None:
         self._pending.append(signum)  # only record: the loop handles it
 
+    # A handler runs between any two bytecodes of the main thread, so in the middle of a read of
+    # the queue too: the reads below make no Python-level pass over it (a C-level copy, popleft).
     def stop_requested(self) -> bool:
-        return any(s in STOP for s in self._pending)
+        return not STOP.isdisjoint(tuple(self._pending))
 
     def pop_all(self) -> list[str]:
-        """Pending signals, oldest first, as handler suffixes: "term", "hup", "ttin"..."""
-        names = [signal.Signals(s).name[3:].lower() for s in self._pending]
-        self._pending.clear()
+        """Pending signals, oldest first, as handler suffixes: "term", "hup", "ttin"... One that
+        arrives meanwhile is taken now or stays for the next call, never dropped."""
+        names = []
+        while self._pending:
+            names.append(signal.Signals(self._pending.popleft()).name[3:].lower())
         return names
