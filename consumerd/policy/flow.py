@@ -17,7 +17,7 @@ def pull_size(concurrency: int, busy: int, buffered: int, requested: int, *, pre
     return max(0, min(free, max_per_pull))
 
 
-def prefetch_allowance(concurrency: int, mean_task_seconds: float | None, horizon: float = 2.0, cap: int = 200) -> int:
+def prefetch_allowance(concurrency: int, mean_task_seconds: float | None, horizon: float = 2.0, cap: int = 100) -> int:
     """Messages that may wait beyond the free workers: as many as the pool starts within ``horizon``.
 
     Short tasks get a deep buffer (no worker waits on a pull round trip, and pulls come fewer and

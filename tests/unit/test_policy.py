@@ -39,8 +39,8 @@ def test_prefetch_holds_only_what_the_pool_starts_within_the_horizon():
     from consumerd.policy.flow import prefetch_allowance
 
     assert prefetch_allowance(4, None) == 0  # nothing known yet: hold nothing extra
-    assert prefetch_allowance(4, 0.001) == 200  # very short tasks: capped at one pull
-    assert prefetch_allowance(2, 0.02) == 200  # 20 ms tasks on 2 workers: two seconds' worth
+    assert prefetch_allowance(4, 0.001) == 100  # very short tasks: capped
+    assert prefetch_allowance(2, 0.02) == 100  # 20 ms tasks on 2 workers: capped (two seconds' worth is 200)
     assert prefetch_allowance(8, 0.25) == 64
     assert prefetch_allowance(8, 1.0) == 16
     assert prefetch_allowance(8, 2.0) == 0  # long tasks: none wait here while others could run them

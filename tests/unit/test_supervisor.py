@@ -152,7 +152,7 @@ def test_a_lapsed_lease_is_dropped_before_it_starts_not_run(h):
 
 def test_empty_unknown_task_messages_with_a_stuck_dead_letter_publish_stay_bounded(tmp_path):
     h = Harness(write_config(tmp_path / "c.toml", '[workers]\nconcurrency = 2\n[dead_letter]\ntopic = "dl"\n'))
-    h.stream.intake.task_seconds.add(0.0001)  # the deepest prefetch: as many as 200 may wait
+    h.stream.intake.task_seconds.add(0.0001)  # the deepest prefetch: as many as 100 may wait
     offered = 0
     while offered < 2000:
         h.sup.tick()
@@ -165,7 +165,7 @@ def test_empty_unknown_task_messages_with_a_stuck_dead_letter_publish_stay_bound
     assert offered < 2000 and forwarding == offered == len(h.components.forwarder.letters)
     # what two workers hold (a job running and 64 short ones queued behind it) + the prefetch ceiling
     assert h.stream.intake.worker_capacity() == 65
-    assert forwarding <= 2 * 65 + 200
+    assert forwarding <= 2 * 65 + 100
     for _ in range(100):
         h.clock.advance(1)
         h.sup.tick()
