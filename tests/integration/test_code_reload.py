@@ -7,6 +7,7 @@ ran it. The 20 s task of the first test is the only long one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -38,10 +39,13 @@ def work(msg: Message) -> None:
 """
 
 
+_WRITES = itertools.count(1)
+
+
 def write_module(directory: Path, version: str, broken: bool = False) -> None:
     """A new version of the task module (a different size each time: a new mtime in the same second
-    would not always do for Python's bytecode cache)."""
-    text = MODULE.format(version=version) + "# " + "x" * len(version) * 7 + "\n"
+    would not always do for Python's bytecode cache, which compares whole seconds and the size)."""
+    text = MODULE.format(version=version) + "# " + "x" * next(_WRITES) + "\n"
     (directory / "codegen_tasks.py").write_text(text + ("\ndef broken(:\n    pass\n" if broken else ""))
 
 
@@ -161,10 +165,14 @@ def test_run_reload_changes_the_behaviour_of_the_next_message_within_2s_of_an_ed
     published: list[tuple[float, str]] = []
     stop = threading.Event()
 
+    def publish_one() -> None:
+        sent = time.monotonic()  # when the publish began: the message cannot reach the daemon before
+        [mid] = broker.publish(topic, task="work")
+        published.append((sent, mid))
+
     def publish_every_100ms() -> None:
         while not stop.is_set():
-            [mid] = broker.publish(topic, task="work")
-            published.append((time.monotonic(), mid))
+            publish_one()
             time.sleep(0.1)
 
     publisher = threading.Thread(target=publish_every_100ms)
@@ -175,15 +183,18 @@ def test_run_reload_changes_the_behaviour_of_the_next_message_within_2s_of_an_ed
     write_module(tmp_path, "v2")
     try:
         daemon.wait_for("code.ready", since=mark, timeout=10)
+        ready_seen = time.monotonic()
         time.sleep(1.0)
     finally:
         stop.set()
         publisher.join()
+    publish_one()  # at least one message sent after code.ready, however slow the publishes were
     daemon.wait_for_ids("message.done", {mid for _, mid in published}, timeout=30)
     new = set(ledger.ids("done_v2"))
+    ran = [(round(at - ready_seen, 2), "v2" if mid in new else "v1") for at, mid in published]
+    assert all(mid in new for at, mid in published if at > ready_seen), f"sent after code.ready but ran the old code: {ran}"
     last_old = max((at for at, mid in published if mid not in new), default=edited)
     later = [(at, mid) for at, mid in published if at > last_old]  # every one of these ran the new code
-    assert later and all(mid in new for _, mid in later)
     latency = later[0][0] - edited  # the first message published after the edit whose behaviour changed for good
     [changed] = daemon.select("code.changed", since=mark)
     assert changed["trigger"] == "watch" and changed["changed"] == [str(tmp_path / "codegen_tasks.py")]
