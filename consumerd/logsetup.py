@@ -7,11 +7,14 @@ stdlib loggers of google-cloud and grpc go through the same pipeline.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import enum
 import logging
 import os
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -56,6 +59,8 @@ def configure_logging(
     _google_floor = logging.getLevelName(google_level.upper())
     stream = stream or sys.stdout
     output = resolve_output(fmt, stream)
+    flush_logs()  # what the old output held back
+    _pending.stream = stream
     if output is Output.JOURNAL:
         _configure_journal(level)
         return
@@ -207,7 +212,12 @@ def _is_tty(stream: TextIO) -> bool:
 
 
 class _LineFlushingStream:
-    """Writes whole lines and flushes each, so journald and pipes see events at once.
+    """Writes whole lines and flushes each, so journald and pipes see events at once; except on the
+    thread within `batched_log_lines` (the supervisor's loop), whose lines wait for `flush_logs`:
+    it calls that once per pass before it waits, so a pass that settles many messages makes one
+    write, not one per line (a line's write and the wakeup of its reader cost more than rendering
+    it). Lines of other threads flush at once, after those pending, so the order holds. The
+    pending lines are bounded (MAX_PENDING characters, then they are written).
 
     A closed or broken stdout (a task closed it, the journal went away) must not kill the process
     that logs: such writes are dropped.
@@ -217,18 +227,75 @@ class _LineFlushingStream:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        try:
-            written = self._stream.write(text)
-            self._stream.flush()
-            return written
-        except (OSError, ValueError):
-            return 0
+        with _lock:
+            if _batching == threading.get_ident() and _pending.size + len(text) <= MAX_PENDING:
+                _pending.lines.append(text)
+                _pending.size += len(text)
+                return len(text)
+            return _write(self._stream, text)
 
     def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except (OSError, ValueError):
-            pass
+        if _batching != threading.get_ident():
+            with _lock:
+                _write(self._stream, "")
+
+
+@dataclasses.dataclass
+class _Pending:
+    stream: TextIO | None = None  # where the pending lines go: the configured output
+    lines: list[str] = dataclasses.field(default_factory=list)
+    size: int = 0
+
+
+MAX_PENDING = 256 * 1024
+_lock = threading.Lock()
+_pending = _Pending()
+_batching: int | None = None  # the thread whose lines wait for `flush_logs`
+
+
+def _write(stream: TextIO, text: str) -> int:
+    """The pending lines, then ``text`` to ``stream``, written and flushed (under ``_lock``)."""
+    if _pending.lines and _pending.stream is not None:
+        held = "".join(_pending.lines)
+        _pending.lines.clear()
+        _pending.size = 0
+        if _pending.stream is stream:
+            text = held + text
+        else:  # the output was configured anew since
+            _write(_pending.stream, held)
+    try:
+        written = stream.write(text) if text else 0
+        stream.flush()
+        return written
+    except (OSError, ValueError):
+        return 0
+
+
+def _new_lock_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
+@contextlib.contextmanager
+def batched_log_lines() -> Iterator[None]:
+    """Within it, this thread's log lines are written when it calls `flush_logs` (and at its end)."""
+    global _batching
+    _batching = threading.get_ident()
+    try:
+        yield
+    finally:
+        _batching = None
+        flush_logs()
+
+
+def flush_logs() -> None:
+    """Write the lines held back (see `batched_log_lines`)."""
+    if _pending.lines and _pending.stream is not None:
+        with _lock:
+            _write(_pending.stream, "")
 
 
 def get_logger(name: str = "consumerd") -> structlog.stdlib.BoundLogger:

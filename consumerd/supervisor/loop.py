@@ -28,7 +28,7 @@ from consumerd.control.commands import Steering
 from consumerd.errors import ExitCode
 from consumerd.ipc.held import InFlight
 from consumerd.ipc.records import Outcome
-from consumerd.logsetup import get_logger
+from consumerd.logsetup import batched_log_lines, flush_logs, get_logger
 from consumerd.policy.flow import Ewma
 from consumerd.pool.handles import EXIT_CAUSES, KillReason, PoolEvent, WorkerExited, WorkerResult, WorkerStarted
 from consumerd.pool.pool import ForkServerDied, fork_server_spec
@@ -110,9 +110,10 @@ class Supervisor:
             if self.await_workers():
                 self.start_io_threads()
                 self.notify_ready()
-                while self.state is not State.STOPPED:
-                    with self.safety.guard("loop"):
-                        self.tick()
+                with batched_log_lines():
+                    while self.state is not State.STOPPED:
+                        with self.safety.guard("loop"):
+                            self.tick()
         finally:
             self.shutdown()
         return self.exit_code
@@ -196,6 +197,7 @@ class Supervisor:
         self.reporter.tick(self.clock(), self.state.value, self.streams.paused())
         if timeout is None:
             timeout = max(0.0, self.next_wakeup() - self.clock())
+        flush_logs()  # this pass's lines, in one write
         for key, _ in self.selector.select(timeout):
             with self.safety.guard("event"):
                 key.data()
