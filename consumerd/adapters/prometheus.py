@@ -158,6 +158,16 @@ class Metrics:
         ProcessCollector(registry=r)
         r.register(_RpcCollector(rpc_counts))
         self.health = Health()
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept: the label sets are bounded (known tasks, outcomes,
+        subscriptions, exit causes) and `labels()` costs several times a counter's `inc()`."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def for_subscription(self, name: str) -> MetricsSink:
         """The sink for one subscription's parts: its series carry ``subscription=name``."""
@@ -184,29 +194,29 @@ class Metrics:
 
     # -- events, from the loop -----------------------------------------------------------------
     def outcome(self, task: str, outcome: str, subscription: str = "") -> None:
-        self.messages.labels(subscription, self._task(task), outcome).inc()
+        self._child(self.messages, subscription, self._task(task), outcome).inc()
 
     def ran(self, task: str, seconds: float) -> None:
-        self.duration.labels(self._task(task)).observe(seconds)
+        self._child(self.duration, self._task(task)).observe(seconds)
 
     def received(self, attempt: int) -> None:
         self.attempt.observe(attempt)
 
     def forwarded(self, task: str, subscription: str = "") -> None:
-        self.dead_lettered.labels(subscription, self._task(task)).inc()
+        self._child(self.dead_lettered, subscription, self._task(task)).inc()
 
     def dead_letter_failed(self, task: str, subscription: str = "") -> None:
-        self.dead_letter_failures.labels(subscription, self._task(task)).inc()
+        self._child(self.dead_letter_failures, subscription, self._task(task)).inc()
 
     def outputs_published(self, task: str, count: int, subscription: str = "") -> None:
-        self.outputs.labels(subscription, self._task(task)).inc(count)
+        self._child(self.outputs, subscription, self._task(task)).inc(count)
 
     def outputs_failed(self, task: str, subscription: str = "") -> None:
-        self.output_failures.labels(subscription, self._task(task)).inc()
+        self._child(self.output_failures, subscription, self._task(task)).inc()
 
     def subscription_gauges(self, subscription: str, *, running: int, held: int) -> None:
-        self.subscription_running.labels(subscription).set(running)
-        self.subscription_held.labels(subscription).set(held)
+        self._child(self.subscription_running, subscription).set(running)
+        self._child(self.subscription_held, subscription).set(held)
 
     def worker_exited(self, cause: str) -> None:
         self.worker_exits.labels(cause).inc()
@@ -218,7 +228,7 @@ class Metrics:
         self.lease_lapsed.inc()
 
     def rate_limit_waited(self, task: str, seconds: float) -> None:
-        self.rate_limit_wait.labels(self._task(task)).observe(seconds)
+        self._child(self.rate_limit_wait, self._task(task)).observe(seconds)
 
     def rate_limit_fallback(self, active: bool) -> None:
         """Redis became unreachable (True: one more outage) or answers again (False)."""
@@ -234,7 +244,7 @@ class Metrics:
         self.held_bytes.set(held_bytes)
         self.utilization.set(running / concurrency if concurrency else 0.0)
         for name in STATES:
-            self.state.labels(name).set(1 if name == state else 0)
+            self._child(self.state, name).set(1 if name == state else 0)
 
     def publish_health(self, health: Health) -> None:
         self.health = health  # one reference assignment: the HTTP thread sees the old or the new
@@ -248,11 +258,14 @@ class SubscriptionMetrics:
 
     def __init__(self, metrics: Metrics, subscription: str) -> None:
         self._metrics = metrics
-        self._subscription = subscription
+        for name in PER_SUBSCRIPTION:  # made once: they run for every message
+            setattr(self, name, functools.partial(getattr(metrics, name), subscription=subscription))
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._metrics, name)
-        return functools.partial(attribute, subscription=self._subscription) if name in PER_SUBSCRIPTION else attribute
+        if callable(attribute):
+            setattr(self, name, attribute)  # looked up here once; data (`health`) is always read anew
+        return attribute
 
 
 PER_SUBSCRIPTION = frozenset({"outcome", "forwarded", "dead_letter_failed", "outputs_published", "outputs_failed"})
