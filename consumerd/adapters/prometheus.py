@@ -219,7 +219,7 @@ class Metrics:
         self._child(self.subscription_held, subscription).set(held)
 
     def worker_exited(self, cause: str) -> None:
-        self.worker_exits.labels(cause).inc()
+        self._child(self.worker_exits, cause).inc()
 
     def renewed(self, leases: int) -> None:
         self.lease_renewals.inc(leases)

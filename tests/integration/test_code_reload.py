@@ -195,6 +195,7 @@ def test_run_reload_changes_the_behaviour_of_the_next_message_within_2s_of_an_ed
     assert all(mid in new for at, mid in published if at > ready_seen), f"sent after code.ready but ran the old code: {ran}"
     last_old = max((at for at, mid in published if mid not in new), default=edited)
     later = [(at, mid) for at, mid in published if at > last_old]  # every one of these ran the new code
+    assert later and all(mid in new for _, mid in later)
     latency = later[0][0] - edited  # the first message published after the edit whose behaviour changed for good
     [changed] = daemon.select("code.changed", since=mark)
     assert changed["trigger"] == "watch" and changed["changed"] == [str(tmp_path / "codegen_tasks.py")]

@@ -88,6 +88,9 @@ def test_a_broken_stream_drops_the_lines_and_the_loop_goes_on(out):
         get_logger().info("lost")
         flush_logs()
     get_logger().info("lost too")
+    configure_logging("json", "info", stream=out)
+    get_logger().info("after")
+    assert out.events() == ["after"], "what a broken stream could not take is dropped, not carried to the next"
 
 
 def test_configuring_anew_writes_what_the_old_output_held(out):
